@@ -1,0 +1,161 @@
+"""
+The noise process, the training loss, guidance and the samplers. No model code lives here:
+a denoiser is any function D(x, σ) -> x0 estimate.
+
+Forward process (add_noise):          x_σ = (1-σ)·x0 + σ·ε,   ε ~ N(0, I),  σ ∈ [0, 1]
+Training (training_loss):             σ ~ Beta(a, b),  loss = ‖D(x_σ, σ, text) - x0‖²
+Guidance (guided_denoiser):           D = g·D(x, σ, text) + (1-g)·D(x, σ, ∅)
+Samplers, with α = 1-σ, λ = log(α/σ), h = λ_next - λ:
+  DDIM (sample_ddim):                 x_next = ((σ - σ_next)·D + σ_next·x) / σ
+  DPM-Solver++(2M) (sample_dpmpp_2m): x_next = (σ_next/σ)·x + α_next·(1 - e^{-h})·D',
+                                      D' = (1 + 1/2r)·D - (1/2r)·D_prev,  r = h_prev / h
+
+    x = generate(model, text_emb, cfg=7, steps=15)   # (B, C, H, W) from pure noise
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ----- the forward process and the loss -----
+
+def add_noise(x0, sigma, noise):
+    """x_σ = (1-σ)·x0 + σ·ε, σ (B,) broadcast over (B, C, H, W)."""
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise
+
+
+def sample_sigma(n, a=1.0, b=2.5, device='cpu'):
+    """Training noise levels σ ~ Beta(a, b); Beta(1, 2.5) puts more weight near σ = 0, where
+    the fine detail is made. Draws from the global RNG, which train.py seeds per rank."""
+    beta = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b)))
+    return beta.sample((n,)).to(device)
+
+
+def drop_text(text_emb, p_uncond):
+    """Replace each text embedding by zeros with probability p_uncond: the unconditional model
+    that classifier-free guidance needs is the same network, trained on ∅ = 0 sometimes."""
+    keep = torch.rand(text_emb.shape[0], 1, device=text_emb.device) >= p_uncond
+    return text_emb * keep.to(text_emb.dtype)
+
+
+def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, cond=None, weight=None):
+    """MSE between the model's x0 prediction and x0, at σ ~ Beta(a, b), with CFG dropout.
+    weight (B, 1|C, H, W), optional: where the loss counts (the region to fill when outpainting)."""
+    sigma = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device)
+    x_t = add_noise(x0, sigma, torch.randn_like(x0))
+    pred = model(x_t, sigma, drop_text(text_emb, p_uncond), cond=cond)
+    if weight is None:
+        return F.mse_loss(pred.float(), x0.float())
+    err = (pred.float() - x0.float()) ** 2 * weight
+    return err.sum() / (weight.expand_as(err).sum() + 1e-8)
+
+
+# ----- guidance -----
+
+def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
+    """D(x, σ) for the samplers: classifier-free guidance, x0 = g·x0_cond + (1-g)·x0_uncond.
+    Both halves go through one batched forward. uncond_emb defaults to zeros (what training
+    dropped to); a negative prompt's embedding can take its place. cfg=1 skips the second half."""
+    if uncond_emb is None:
+        uncond_emb = torch.zeros_like(text_emb)
+
+    def denoise(x, sigma):
+        B = x.shape[0]
+        s = torch.full((B,), float(sigma), device=x.device)
+        if cfg == 1.0:
+            return model(x, s, text_emb, cond=cond)
+        both = model(torch.cat([x, x]), torch.cat([s, s]), torch.cat([text_emb, uncond_emb]),
+                     cond=None if cond is None else torch.cat([cond, cond]))
+        x0_cond, x0_uncond = both.float().chunk(2)
+        return cfg * x0_cond + (1 - cfg) * x0_uncond
+    return denoise
+
+
+# ----- the samplers -----
+
+def sigma_schedule(steps, sigma_max=1.0, rho=2.0):
+    """steps+1 noise levels from sigma_max down to 0: σ_i = σ_max·(1 - i/steps)^ρ.
+    ρ > 1 spends more of the steps at low noise, where the detail is decided."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return [sigma_max * (1 - i / steps) ** rho for i in range(steps + 1)]
+
+
+def _lambda(sigma):
+    """Log signal-to-noise ratio λ = log((1-σ)/σ); -inf at σ=1 (pure noise), +inf at σ=0."""
+    if sigma <= 0:
+        return math.inf
+    if sigma >= 1:
+        return -math.inf
+    return math.log((1 - sigma) / sigma)
+
+
+@torch.no_grad()
+def sample_ddim(denoise, x, sigmas):
+    """First-order (DDIM) steps in x0 form: each step moves x to the weighted average of x and D."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x0 = denoise(x, sigma)
+        x = ((sigma - sigma_next) * x0 + sigma_next * x) / sigma
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise, x, sigmas):
+    """DPM-Solver++(2M) (Lu et al. 2022), in x0 form with α = 1-σ. Second order from one model
+    call a step: it extrapolates D linearly in λ from the previous step's prediction."""
+    x0_prev, h_prev = None, None
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x0 = denoise(x, sigma)
+        if sigma_next == 0:  # the last step lands on D itself (λ_next = ∞)
+            return x0
+        h = _lambda(sigma_next) - _lambda(sigma)  # ∞ on a first step from σ=1
+        x0_hat = x0
+        if x0_prev is not None:
+            r = h_prev / h  # ∞ after a step from σ=1: the correction vanishes, as it should
+            x0_hat = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigma_next / sigma) * x + (1 - sigma_next) * (-math.expm1(-h)) * x0_hat
+        x0_prev, h_prev = x0, h
+    return x
+
+
+SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m}
+
+
+@torch.no_grad()
+def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, noise=None,
+             generator=None, uncond_emb=None, cond=None, sigma_max=1.0, rho=2.0):
+    """Sample x0 for each text embedding (B, D_text), starting from x = σ_max·ε.
+    shape (C, H, W) defaults to the model's trained input; pass noise to fix it, or a
+    torch.Generator to make it reproducible."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}', expected one of {sorted(SAMPLERS)}")
+    B = text_emb.shape[0]
+    if noise is None:
+        if shape is None:
+            p = model.patch_size
+            shape = (model.n_channels, model.pos_emb.shape[1] * p, model.pos_emb.shape[2] * p)
+        noise = torch.randn((B, *shape), generator=generator, device=text_emb.device)
+    denoise = guided_denoiser(model, text_emb, cfg, uncond_emb, cond)
+    sigmas = sigma_schedule(steps, sigma_max, rho)
+    return SAMPLERS[sampler](denoise, sigma_max * noise.float(), sigmas)
+
+
+# ----- interpolation -----
+
+def slerp(a, b, t):
+    """Spherical interpolation between a and b (flattened per row) at t ∈ [0, 1]. Keeps the norm of
+    Gaussian noise, which a plain lerp would shrink halfway (and so give a blurry mean image)."""
+    a_flat, b_flat = a.flatten(1).float(), b.flatten(1).float()
+    cos = (F.normalize(a_flat, dim=1) * F.normalize(b_flat, dim=1)).sum(1).clamp(-1, 1)
+    omega = torch.acos(cos)[:, None]
+    so = torch.sin(omega)
+    lerp = (1 - t) * a_flat + t * b_flat
+    out = torch.where(so > 1e-6, (torch.sin((1 - t) * omega) * a_flat + torch.sin(t * omega) * b_flat)
+                      / so.clamp_min(1e-6), lerp)
+    return out.view_as(a).to(a.dtype)
+
+
+def lerp(a, b, t):
+    return (1 - t) * a + t * b
