@@ -125,21 +125,84 @@ SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m}
 
 @torch.no_grad()
 def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, noise=None,
-             generator=None, uncond_emb=None, cond=None, sigma_max=1.0, rho=2.0):
+             generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=2.0):
     """Sample x0 for each text embedding (B, D_text), starting from x = σ_max·ε.
     shape (C, H, W) defaults to the model's trained input; pass noise to fix it, or a
-    torch.Generator to make it reproducible."""
+    torch.Generator to make it reproducible.
+    Inpainting/outpainting (a model with cond_channels = C+1): known (B, C, H, W) is the clean image,
+    mask (B, 1, H, W) is 1 where to generate. The model sees both, and the known region of every
+    x0 prediction is replaced by the known image, so the output keeps it exactly."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}', expected one of {sorted(SAMPLERS)}")
     B = text_emb.shape[0]
     if noise is None:
         if shape is None:
-            p = model.patch_size
-            shape = (model.n_channels, model.pos_emb.shape[1] * p, model.pos_emb.shape[2] * p)
+            shape = (model.n_channels, *trained_size(model))
         noise = torch.randn((B, *shape), generator=generator, device=text_emb.device)
-    denoise = guided_denoiser(model, text_emb, cfg, uncond_emb, cond)
+    if known is None:
+        denoise = guided_denoiser(model, text_emb, cfg, uncond_emb)
+    else:
+        inner = guided_denoiser(model, text_emb, cfg, uncond_emb, cond=masked_input(known, mask))
+        denoise = lambda x, sigma: mask * inner(x, sigma) + (1 - mask) * known  # noqa: E731
     sigmas = sigma_schedule(steps, sigma_max, rho)
     return SAMPLERS[sampler](denoise, sigma_max * noise.float(), sigmas)
+
+
+def trained_size(model):
+    """(H, W) of the inputs the model was trained on, from its positional table."""
+    return model.pos_emb.shape[1] * model.patch_size, model.pos_emb.shape[2] * model.patch_size
+
+
+# ----- masks for outpainting and inpainting (1 = generate, 0 = known) -----
+
+MASK_MODES = ('left', 'right', 'up', 'down', 'border', 'box')
+
+
+def masked_input(known, mask):
+    """The extra input channels of an outpainting model: the masked clean image and the mask."""
+    return torch.cat([known * (1 - mask), mask], dim=1)  # (B, C+1, H, W)
+
+
+def make_mask(mode, H, W, frac=0.5, box=None):
+    """One (1, H, W) mask. 'left'/'right'/'up'/'down': generate that side (frac of the image);
+    'border': keep the centre, generate a frame frac/2 wide on each side; 'box': generate box=(y0, x0, y1, x1)."""
+    m = torch.zeros(1, H, W)
+    h, w = round(H * frac), round(W * frac)
+    if mode == 'left':
+        m[:, :, :w] = 1
+    elif mode == 'right':
+        m[:, :, W - w:] = 1
+    elif mode == 'up':
+        m[:, :h, :] = 1
+    elif mode == 'down':
+        m[:, H - h:, :] = 1
+    elif mode == 'border':
+        m[:] = 1
+        m[:, h // 2:H - h // 2, w // 2:W - w // 2] = 0
+    elif mode == 'box':
+        y0, x0, y1, x1 = box
+        m[:, y0:y1, x0:x1] = 1
+    else:
+        raise ValueError(f"unknown mask mode '{mode}', expected one of {MASK_MODES}")
+    return m
+
+
+def random_masks(B, H, W, generator=None):
+    """(B, 1, H, W) training masks drawn from MASK_MODES: half-image outpainting in 4 directions,
+    a border of 1/4 to 1/2 of the size, or a box of 1/4 to 3/4 of each side for inpainting."""
+    def randint(lo, hi):  # inclusive
+        return int(torch.randint(lo, hi + 1, (), generator=generator))
+    masks = []
+    for _ in range(B):
+        mode = MASK_MODES[randint(0, len(MASK_MODES) - 1)]
+        if mode == 'box':
+            bh, bw = randint(H // 4, 3 * H // 4), randint(W // 4, 3 * W // 4)
+            y0, x0 = randint(0, H - bh), randint(0, W - bw)
+            masks.append(make_mask('box', H, W, box=(y0, x0, y0 + bh, x0 + bw)))
+        else:
+            frac = 0.5 if mode != 'border' else randint(2, 4) / 8
+            masks.append(make_mask(mode, H, W, frac))
+    return torch.stack(masks)
 
 
 # ----- interpolation -----

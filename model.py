@@ -188,4 +188,31 @@ def resize_positional_table(table, grid):
     return rearrange(t, '1 d h w -> 1 h w d').to(table.dtype)
 
 
+# ----- checkpoints -----
+
+def load_checkpoint(path, device='cpu'):
+    """Load a train.py checkpoint safely (weights_only: tensors and plain containers, no pickled code)."""
+    import os
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at '{path}' (train one with: python train.py config/tiny.py)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"'{path}' is not a readable nanoTLD checkpoint: {type(e).__name__}: {e}") from None
+    missing = {'model', 'model_args'} - set(ckpt)
+    if missing:
+        raise ValueError(f"'{path}' is not a nanoTLD checkpoint: missing {sorted(missing)}")
+    return ckpt
+
+
+def denoiser_from_checkpoint(ckpt, ema=True):
+    """Rebuild the Denoiser from the args stored in a checkpoint, with its EMA weights by default."""
+    model = Denoiser(**ckpt['model_args'])
+    state = ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model']
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in state.items()})
+    return model.eval()
+
+
 # ----- frozen encoders -----
