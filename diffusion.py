@@ -75,7 +75,7 @@ def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
 
 # ----- the samplers -----
 
-def sigma_schedule(steps, sigma_max=1.0, rho=2.0):
+def sigma_schedule(steps, sigma_max=1.0, rho=1.5):
     """steps+1 noise levels from sigma_max down to 0: σ_i = σ_max·(1 - i/steps)^ρ.
     ρ > 1 spends more of the steps at low noise, where the detail is decided."""
     if steps < 1:
@@ -125,7 +125,7 @@ SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m}
 
 @torch.no_grad()
 def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, noise=None,
-             generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=2.0):
+             generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=1.5):
     """Sample x0 for each text embedding (B, D_text), starting from x = σ_max·ε.
     shape (C, H, W) defaults to the model's trained input; pass noise to fix it, or a
     torch.Generator to make it reproducible.

@@ -28,6 +28,255 @@ def run_script(*args, check=True, env=None, timeout=600):
 
 
 # ===== core: model, diffusion, configurator =====
+from configurator import ConfigError, configure  # noqa: E402
+from diffusion import (MASK_MODES, add_noise, generate, guided_denoiser, make_mask,  # noqa: E402
+                       random_masks, sample_ddim, sample_dpmpp_2m, sigma_schedule, slerp, training_loss)
+from model import Denoiser  # noqa: E402
+
+
+def tiny_denoiser(**kw):
+    args = dict(n_channels=3, image_size=16, patch_size=2, embed_dim=64, n_layers=2, head_dim=32,
+                mlp_multiplier=2, text_emb_size=8)
+    torch.manual_seed(0)
+    return Denoiser(**{**args, **kw})
+
+
+def test_denoiser_shapes_and_nonsquare_grid():
+    model = tiny_denoiser(image_size=(16, 8))
+    x, sigma, text = torch.randn(3, 3, 16, 8), torch.rand(3), torch.randn(3, 8)
+    assert model(x, sigma, text).shape == (3, 3, 16, 8)
+    # each sample is computed independently of the others in the batch
+    torch.testing.assert_close(model(x[:1], sigma[:1], text[:1]), model(x, sigma, text)[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_base_config_has_about_101m_parameters():
+    with torch.device('meta'):
+        model = Denoiser(n_channels=4, image_size=32, patch_size=2, embed_dim=768, n_layers=12,
+                         mlp_multiplier=4, text_emb_size=768)
+    assert 100e6 < model.num_params() < 103e6
+
+
+def test_mlp_depthwise_conv_mixes_only_grid_neighbours():
+    """A change at one token reaches the MLP output at its 3×3 neighbourhood on the (H, W) grid and
+    nowhere else: the (B, N, D) <-> (B, D, H, W) views line up, on a non-square grid too."""
+    model = tiny_denoiser(image_size=(12, 20))
+    mlp, grid = model.blocks[0].mlp, (6, 10)
+    x = torch.randn(1, 60, 64)
+    y = x.clone()
+    y[0, 2 * 10 + 7] += 1.0  # token at row 2, column 7
+    changed = (mlp(x, grid) - mlp(y, grid)).abs().sum(-1).view(grid) > 1e-6
+    expected = torch.zeros(grid, dtype=torch.bool)
+    expected[1:4, 6:9] = True
+    assert torch.equal(changed, expected)
+
+
+def test_positional_table_resize():
+    model = tiny_denoiser()
+    table = model.pos_emb.detach().clone()
+    model.resize_pos_emb(16)  # same size: same values
+    torch.testing.assert_close(model.pos_emb.detach(), table, rtol=0, atol=0)
+    model.resize_pos_emb(32)
+    assert model.pos_emb.shape == (1, 16, 16, 64)
+    # bilinear: a constant table stays constant, and a 2x upsample keeps the mean
+    assert abs(model.pos_emb.mean().item() - table.mean().item()) < 1e-2 * table.abs().mean().item() + 1e-6
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x, torch.rand(2), torch.randn(2, 8)).shape == (2, 3, 32, 32)
+
+
+def test_widen_input_is_exact_at_step_zero():
+    model = tiny_denoiser()
+    x, sigma, text = torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 8)
+    before = model(x, sigma, text)
+    model.widen_input(4)
+    after = model(x, sigma, text, cond=torch.randn(2, 4, 16, 16))
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_matches_fp32():
+    model = tiny_denoiser()
+    x, sigma, text = torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 8)
+    ref = model(x, sigma, text)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x, sigma, text)
+    assert out.dtype == torch.bfloat16
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.05, rel
+
+
+def test_compiles_without_graph_breaks():
+    import torch._dynamo
+    model = tiny_denoiser()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 8))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_add_noise_and_training_loss():
+    x0, noise, sigma = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0.0, 0.25, 0.5, 1.0])
+    x_t = add_noise(x0, sigma, noise)
+    torch.testing.assert_close(x_t[0], x0[0])
+    torch.testing.assert_close(x_t[1], 0.75 * x0[1] + 0.25 * noise[1])
+    torch.testing.assert_close(x_t[3], noise[3])
+    # the loss is the MSE of the x0 prediction, reproduced by hand from the same RNG draws
+    model = tiny_denoiser()
+    x0, text = torch.randn(4, 3, 16, 16), torch.randn(4, 8)
+    torch.manual_seed(1)
+    loss = training_loss(model, x0, text, p_uncond=0.5)
+    torch.manual_seed(1)
+    s = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(2.5)).sample((4,))
+    x_t = add_noise(x0, s, torch.randn_like(x0))
+    keep = (torch.rand(4, 1) >= 0.5).float()
+    torch.testing.assert_close(loss, ((model(x_t, s, text * keep) - x0) ** 2).mean())
+
+
+def test_training_sigma_is_beta_and_text_dropout_rate():
+    from diffusion import drop_text, sample_sigma
+    torch.manual_seed(0)
+    s = sample_sigma(200_000, 1.0, 2.5)
+    assert abs(s.mean().item() - 1 / 3.5) < 3e-3  # Beta(a, b) mean a / (a + b)
+    dropped = (drop_text(torch.ones(200_000, 4), 0.15).sum(1) == 0).float().mean().item()
+    assert abs(dropped - 0.15) < 5e-3
+
+
+def test_guidance_endpoints_and_batching():
+    model = tiny_denoiser()
+    x, text, neg = torch.randn(3, 3, 16, 16), torch.randn(3, 8), torch.randn(3, 8)
+    s = torch.full((3,), 0.4)
+    cond, uncond, negative = model(x, s, text), model(x, s, torch.zeros_like(text)), model(x, s, neg)
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided_denoiser(model, text, cfg=1.0)(x, 0.4), cond, **close)
+    torch.testing.assert_close(guided_denoiser(model, text, cfg=0.0)(x, 0.4), uncond, **close)
+    torch.testing.assert_close(guided_denoiser(model, text, cfg=7.0)(x, 0.4), 7 * cond - 6 * uncond, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(guided_denoiser(model, text, cfg=0.0, uncond_emb=neg)(x, 0.4), negative, **close)
+
+
+class GaussianData:
+    """x0 ~ N(μ, diag(s²)), for which both E[x0 | x_σ] and the exact probability-flow ODE solution
+    are closed-form: z = (x_σ - α·μ) / sqrt(α²s² + σ²) is constant along the flow (α = 1-σ)."""
+
+    def __init__(self, dim=4096, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.mu = torch.rand(dim, generator=g, dtype=torch.float64) - 0.5
+        self.s = 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
+        self.noise = torch.randn(dim, generator=g, dtype=torch.float64)
+
+    def denoise(self, x, sigma):  # the ideal x0-predictor E[x0 | x_σ]
+        a = 1 - sigma
+        return self.mu + a * self.s ** 2 / (a ** 2 * self.s ** 2 + sigma ** 2) * (x - a * self.mu)
+
+    def exact(self, x, sigma):  # the ODE solution at σ = 0 from x at σ
+        a = 1 - sigma
+        return self.mu + self.s * (x - a * self.mu) / torch.sqrt(a ** 2 * self.s ** 2 + sigma ** 2)
+
+    def error(self, sampler, steps, sigma_max=1.0, rho=1.5):
+        x = sigma_max * self.noise
+        out = sampler(self.denoise, x, sigma_schedule(steps, sigma_max, rho))
+        return ((out - self.exact(x, sigma_max)) ** 2).mean().sqrt().item()  # RMS error
+
+
+def test_samplers_converge_to_exact_ode_solution_at_their_order():
+    data = GaussianData()
+    dpm = {n: data.error(sample_dpmpp_2m, n) for n in (15, 30, 60, 120)}
+    ddim = {n: data.error(sample_ddim, n) for n in (15, 30, 50, 60, 120)}
+    assert dpm[15] < 0.02  # data std is 0.5-1.5
+    assert dpm[15] < ddim[50]  # 15 second-order steps beat 50 first-order ones
+    for n in (30, 60):  # doubling the steps: ~4x less error for 2M (order 2), ~2x for DDIM
+        assert 3.0 < dpm[n] / dpm[2 * n] < 5.0, dpm
+        assert 1.8 < ddim[n] / ddim[2 * n] < 2.2, ddim
+    # the same holds on a schedule that starts below σ=1 and with another spacing
+    assert 3.0 < data.error(sample_dpmpp_2m, 60, 0.95, 1.0) / data.error(sample_dpmpp_2m, 120, 0.95, 1.0) < 5.0
+
+
+def test_sigma_schedule():
+    s = sigma_schedule(4, 1.0, 2.0)  # explicit ρ=2: the default is 1.5
+    assert s == [1.0, 0.5625, 0.25, 0.0625, 0.0]
+    with pytest.raises(ValueError, match='steps'):
+        sigma_schedule(0)
+
+
+def test_generate_is_seeded_and_guidance_changes_output():
+    model = tiny_denoiser().eval()
+    text = torch.randn(2, 8)
+    run = lambda seed, cfg=3.0, sampler='dpmpp2m': generate(  # noqa: E731
+        model, text, cfg=cfg, steps=4, sampler=sampler, generator=torch.Generator().manual_seed(seed))
+    a = run(0)
+    assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all()
+    assert torch.equal(a, run(0))
+    assert not torch.allclose(a, run(1))
+    assert not torch.allclose(a, run(0, cfg=1.0))
+    assert not torch.allclose(a, run(0, sampler='ddim'))
+
+
+def test_masks_cover_each_mode_with_the_right_area():
+    H, W = 16, 24
+    assert make_mask('left', H, W)[0, :, :12].all() and make_mask('left', H, W).sum() == H * W / 2
+    assert make_mask('right', H, W)[0, :, 12:].all() and make_mask('right', H, W).sum() == H * W / 2
+    assert make_mask('up', H, W)[0, :8].all() and make_mask('up', H, W).sum() == H * W / 2
+    assert make_mask('down', H, W)[0, 8:].all() and make_mask('down', H, W).sum() == H * W / 2
+    border = make_mask('border', H, W, frac=0.5)
+    assert border.sum() == H * W - 8 * 12 and border[0, 4:12, 6:18].sum() == 0
+    assert make_mask('box', H, W, box=(2, 3, 6, 10)).sum() == 4 * 7
+    masks = random_masks(600, H, W, torch.Generator().manual_seed(0))
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    areas = masks.mean((1, 2, 3))
+    assert (areas > 0).all() and (areas < 1).all()
+    assert (areas == 0.5).float().mean() > 0.4  # the 4 half-image directions (and some borders)
+    assert ((areas != 0.5) & (areas >= 1 / 16)).any()  # boxes and borders
+    with pytest.raises(ValueError, match='mask mode'):
+        make_mask('diagonal', H, W)
+    assert len(MASK_MODES) == 6
+
+
+def test_masked_generation_keeps_the_known_region():
+    model = tiny_denoiser(cond_channels=4).eval()
+    known = torch.rand(2, 3, 16, 16) * 2 - 1
+    mask = make_mask('right', 16, 16)[None].expand(2, 1, 16, 16)
+    for sampler in ('ddim', 'dpmpp2m'):
+        out = generate(model, torch.randn(2, 8), cfg=3.0, steps=5, sampler=sampler, known=known, mask=mask,
+                       generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out * (1 - mask), known * (1 - mask), rtol=0, atol=1e-6)
+        assert (out * mask - known * mask).abs().mean() > 0.05  # the masked half is generated
+
+
+def test_slerp():
+    a, b = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(slerp(a, b, 0.0), a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(slerp(a, b, 1.0), b, rtol=1e-5, atol=1e-5)
+    mid = slerp(a, b, 0.5)
+    # nearly orthogonal Gaussian vectors: slerp keeps the norm that lerp would shrink by ~1/sqrt(2)
+    assert abs(mid.flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1) - 1).max() < 0.1
+
+
+def _config_namespace():
+    return {'batch_size': 32, 'lr': 3e-4, 'compile': False, 'out_dir': 'out', 'init_from': None,
+            'prompt': 'a cute owl', 'interp': (), 'image_size': 32}
+
+
+def test_configurator_files_and_overrides(tmp_path):
+    cfg_file = tmp_path / 'my.py'
+    cfg_file.write_text("import math\nbatch_size = 8\nlr = 1\nout_dir = 'out-x'\n")
+    ns = _config_namespace()
+    config = configure(ns, [str(cfg_file), '--batch_size=16', '--prompt', 'a cat, 2 dogs', '--compile',
+                            '--init_from=resume', '--interp', 'a cat', 'a dog', '--image_size', '64'])
+    assert config == {**_config_namespace(), 'batch_size': 16, 'lr': 1.0, 'compile': True, 'out_dir': 'out-x',
+                      'init_from': 'resume', 'prompt': 'a cat, 2 dogs', 'interp': ('a cat', 'a dog'),
+                      'image_size': 64}
+    assert type(config['lr']) is float and ns['batch_size'] == 16
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch_sise=8'], "unknown config key 'batch_sise' (did you mean batch_size?)"),
+    (['--lr=fast'], "config key 'lr' expects float"),
+    (['--batch_size=0.5'], "config key 'batch_size' expects int"),
+    (['--batch_size'], "config key 'batch_size' needs a value"),
+    (['nofile.txt'], "unexpected argument 'nofile.txt'"),
+    (['config/missing.py'], "cannot read config file 'config/missing.py'"),
+])
+def test_configurator_errors_are_one_line(argv, message):
+    with pytest.raises(ConfigError) as err:
+        configure(_config_namespace(), argv, exit_on_error=False)
+    assert message in str(err.value) and '\n' not in str(err.value)
+
 
 
 # ===== prepare.py =====
