@@ -222,3 +222,31 @@ def slerp(a, b, t):
 
 def lerp(a, b, t):
     return (1 - t) * a + t * b
+
+
+# ----- a reference with a known answer -----
+
+class GaussianData:
+    """A reference with a known answer, for checking the samplers (test_smoke.py, bench.py).
+    For x0 ~ N(μ, diag(s²)) both E[x0 | x_σ] (the ideal denoiser) and the exact probability-flow
+    ODE solution are closed-form: z = (x_σ - α·μ) / sqrt(α²s² + σ²) is constant along the flow."""
+
+    def __init__(self, dim=4096, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.mu = torch.rand(dim, generator=g, dtype=torch.float64) - 0.5
+        self.s = 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
+        self.noise = torch.randn(dim, generator=g, dtype=torch.float64)
+
+    def denoise(self, x, sigma):  # the ideal x0-predictor E[x0 | x_σ]
+        a = 1 - sigma
+        return self.mu + a * self.s ** 2 / (a ** 2 * self.s ** 2 + sigma ** 2) * (x - a * self.mu)
+
+    def exact(self, x, sigma):  # the ODE solution at σ = 0 from x at σ
+        a = 1 - sigma
+        return self.mu + self.s * (x - a * self.mu) / torch.sqrt(a ** 2 * self.s ** 2 + sigma ** 2)
+
+    def error(self, sampler, steps, sigma_max=1.0, **schedule):
+        """RMS error of a sampler's answer against the exact one, from σ_max to 0."""
+        x = sigma_max * self.noise
+        out = sampler(self.denoise, x, sigma_schedule(steps, sigma_max, **schedule))
+        return ((out - self.exact(x, sigma_max)) ** 2).mean().sqrt().item()

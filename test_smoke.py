@@ -29,7 +29,7 @@ def run_script(*args, check=True, env=None, timeout=600):
 
 # ===== core: model, diffusion, configurator =====
 from configurator import ConfigError, configure  # noqa: E402
-from diffusion import (MASK_MODES, add_noise, generate, guided_denoiser, make_mask,  # noqa: E402
+from diffusion import (MASK_MODES, GaussianData, add_noise, generate, guided_denoiser, make_mask,  # noqa: E402
                        random_masks, sample_ddim, sample_dpmpp_2m, sigma_schedule, slerp, training_loss)
 from model import Denoiser  # noqa: E402
 
@@ -150,30 +150,6 @@ def test_guidance_endpoints_and_batching():
     torch.testing.assert_close(guided_denoiser(model, text, cfg=0.0, uncond_emb=neg)(x, 0.4), negative, **close)
 
 
-class GaussianData:
-    """x0 ~ N(μ, diag(s²)), for which both E[x0 | x_σ] and the exact probability-flow ODE solution
-    are closed-form: z = (x_σ - α·μ) / sqrt(α²s² + σ²) is constant along the flow (α = 1-σ)."""
-
-    def __init__(self, dim=4096, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.mu = torch.rand(dim, generator=g, dtype=torch.float64) - 0.5
-        self.s = 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
-        self.noise = torch.randn(dim, generator=g, dtype=torch.float64)
-
-    def denoise(self, x, sigma):  # the ideal x0-predictor E[x0 | x_σ]
-        a = 1 - sigma
-        return self.mu + a * self.s ** 2 / (a ** 2 * self.s ** 2 + sigma ** 2) * (x - a * self.mu)
-
-    def exact(self, x, sigma):  # the ODE solution at σ = 0 from x at σ
-        a = 1 - sigma
-        return self.mu + self.s * (x - a * self.mu) / torch.sqrt(a ** 2 * self.s ** 2 + sigma ** 2)
-
-    def error(self, sampler, steps, sigma_max=1.0, rho=1.5):
-        x = sigma_max * self.noise
-        out = sampler(self.denoise, x, sigma_schedule(steps, sigma_max, rho))
-        return ((out - self.exact(x, sigma_max)) ** 2).mean().sqrt().item()  # RMS error
-
-
 def test_samplers_converge_to_exact_ode_solution_at_their_order():
     data = GaussianData()
     dpm = {n: data.error(sample_dpmpp_2m, n) for n in (15, 30, 60, 120)}
@@ -184,7 +160,7 @@ def test_samplers_converge_to_exact_ode_solution_at_their_order():
         assert 3.0 < dpm[n] / dpm[2 * n] < 5.0, dpm
         assert 1.8 < ddim[n] / ddim[2 * n] < 2.2, ddim
     # the same holds on a schedule that starts below σ=1 and with another spacing
-    assert 3.0 < data.error(sample_dpmpp_2m, 60, 0.95, 1.0) / data.error(sample_dpmpp_2m, 120, 0.95, 1.0) < 5.0
+    assert 3.0 < data.error(sample_dpmpp_2m, 60, 0.95, rho=1.0) / data.error(sample_dpmpp_2m, 120, 0.95, rho=1.0) < 5.0
 
 
 def test_sigma_schedule():
