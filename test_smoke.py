@@ -262,6 +262,157 @@ def test_configurator_errors_are_one_line(argv, message):
 
 
 # ===== sample.py =====
+from PIL import Image  # noqa: E402
+
+
+def _save_tiny_checkpoint(path, cond_channels=0):
+    """A random tiny pixel-space Denoiser saved in train.py's checkpoint format, with MiniLM (whose weights
+    ship in an installed package) as its text encoder. Untrained: its images are not pretty, but they are
+    a deterministic function of the noise and the prompt, which is what these tests need."""
+    args = dict(n_channels=3, image_size=16, patch_size=2, embed_dim=32, n_layers=1, head_dim=16,
+                mlp_multiplier=2, text_emb_size=384, cond_channels=cond_channels)
+    torch.manual_seed(0)
+    model = Denoiser(**args)
+    os.makedirs(path, exist_ok=True)
+    torch.save({'model': model.state_dict(), 'ema': model.state_dict(), 'model_args': args, 'iter_num': 0,
+                'config': {}, 'data_meta': {'text_encoder': 'minilm', 'vae': 'none', 'scale_factor': 1.0}},
+               os.path.join(path, 'ckpt.pt'))
+    return os.path.join(path, 'ckpt.pt')
+
+
+@pytest.fixture(scope='module')
+def sample_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('sample')
+    _save_tiny_checkpoint(str(root / 'run'))
+    _save_tiny_checkpoint(str(root / 'outpaint'), cond_channels=4)  # C + 1: the masked image and the mask
+    (root / 'prompts.txt').write_text("a red apple\n\na cute owl\n")
+    return root
+
+
+def _png(path):
+    return np.asarray(Image.open(path).convert('RGB')).astype(np.float32) / 255  # (H, W, 3)
+
+
+def _tile(grid, row, col, h=16, w=16, pad=2):
+    """The image at (row, col) of a torchvision make_grid with padding 2."""
+    return grid[pad + row * (h + pad):pad + row * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w]
+
+
+def _sample(*args):
+    proc = run_script('sample.py', *args)
+    return [line.split(' ', 1)[1] for line in proc.stdout.splitlines() if line.startswith('wrote ')]
+
+
+@pytest.fixture(scope='module')
+def reference_grid(sample_run):
+    """2 prompts × seeds 3 and 4, the grid and each image: the images the other tests compare with."""
+    args = ['--out_dir', str(sample_run / 'run'), '--prompt_file', str(sample_run / 'prompts.txt'), '--cfg', '7',
+            '--n=2', '--seed', '3']
+    return args, _sample(*args, '--individual')
+
+
+def test_sample_grid_layout_seeds_and_reproducibility(sample_run, reference_grid):
+    run = str(sample_run / 'run')
+    args, paths = reference_grid
+    # the default name carries the prompts, cfg and seed; one grid row per prompt, one column per seed
+    assert paths[0] == os.path.join(run, 'samples', 'prompts_cfg_7_seed_3.png')
+    assert [os.path.basename(p) for p in paths[1:]] == ['a_red_apple_cfg_7_seed_3.png', 'a_red_apple_cfg_7_seed_4.png',
+                                                         'a_cute_owl_cfg_7_seed_3.png', 'a_cute_owl_cfg_7_seed_4.png']
+    grid = _png(paths[0])
+    assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 3)
+    tiles = {(r, c): _tile(grid, r, c) for r in range(2) for c in range(2)}
+    for path, (r, c) in zip(paths[1:], [(0, 0), (0, 1), (1, 0), (1, 1)]):
+        assert np.array_equal(_png(path), tiles[r, c])
+    assert not np.allclose(tiles[0, 0], tiles[1, 0], atol=0.05)  # the prompt matters
+    assert not np.allclose(tiles[0, 0], tiles[0, 1], atol=0.05)  # the seed matters (column j: seed + j)
+    # the same arguments give the same bytes
+    again = _sample(*args, '--out', str(sample_run / 'again.png'))
+    assert again == [str(sample_run / 'again.png')]
+    assert open(again[0], 'rb').read() == open(paths[0], 'rb').read()
+
+
+def test_sample_interpolation_strips(sample_run, reference_grid):
+    run, ref = str(sample_run / 'run'), _png(reference_grid[1][0])
+    # text: 'a red apple' -> 'a cute owl' with the noise of seed 3 kept
+    strip = _png(_sample('--out_dir', run, '--interp', 'a red apple', 'a cute owl', '--frames', '5', '--n', '1',
+                         '--seed=3')[0])
+    assert strip.shape == (18 + 2, 5 * 18 + 2, 3)
+    frames = [_tile(strip, 0, i) for i in range(5)]
+    assert np.abs(frames[0] - _tile(ref, 0, 0)).max() <= 3 / 255  # the ends are the two prompts' images
+    assert np.abs(frames[4] - _tile(ref, 1, 0)).max() <= 3 / 255
+    assert not np.allclose(frames[2], frames[0], atol=0.02) and not np.allclose(frames[2], frames[4], atol=0.02)
+    # noise: seed 3 -> seed 4 (slerp) with the prompt kept; --n 2 gives two rows, the second from seeds 4 -> 5
+    paths = _sample('--out_dir', run, '--prompt', 'a red apple', '--interp_seeds', '3', '4', '--frames', '3',
+                    '--n', '2', '--individual')
+    assert os.path.basename(paths[0]) == 'a_red_apple_seeds_3_to_4_cfg_7.png'
+    assert len(paths) == 1 + 2 * 3
+    strip = _png(paths[0])
+    assert strip.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
+    assert np.abs(_tile(strip, 0, 0) - _tile(ref, 0, 0)).max() <= 3 / 255
+    assert np.abs(_tile(strip, 0, 2) - _tile(ref, 0, 1)).max() <= 3 / 255
+    assert np.abs(_tile(strip, 1, 0) - _tile(ref, 0, 1)).max() <= 3 / 255
+
+
+def test_sample_at_a_size_never_trained(sample_run):
+    path = _sample('--out_dir', str(sample_run / 'run'), '--prompt', 'a red apple', '--size', '32', '16',
+                   '--n', '1', '--individual')[1]
+    assert os.path.basename(path) == 'a_red_apple_cfg_7_seed_0.png'
+    assert Image.open(path).size == (16, 32)  # (W, H): --size is H W, in pixels
+    img = _png(path)
+    assert img.std() > 0.01
+
+
+def test_sample_negative_prompt_replaces_the_unconditional_half(sample_run):
+    import sample
+    pipe = sample.load_pipeline(str(sample_run / 'run'), 'cpu', 'float32')
+    gen = lambda **kw: sample.generate_images(pipe, ['a red apple'], n=2, steps=4, seed=0, **kw)  # noqa: E731
+    plain, negative = gen(cfg=5.0), gen(cfg=5.0, negative='a green apple')
+    assert (plain - negative).abs().mean() > 0.01
+    # cfg 1 never calls the unconditional half, so a negative prompt cannot change anything there
+    assert torch.equal(gen(cfg=1.0), gen(cfg=1.0, negative='a green apple'))
+    assert pipe.latent_shape(64) == (3, 64, 64)
+
+
+def _random_png(path, h=16, w=16, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels.astype(np.float32) / 255
+
+
+def test_outpaint_keeps_the_known_region(sample_run):
+    run, image = str(sample_run / 'outpaint'), _random_png(sample_run / 'init.png')
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 10:] = 255  # white = generate: the right 6 columns
+    Image.fromarray(mask).save(sample_run / 'mask.png')
+    paths = _sample('--out_dir', run, '--prompt', 'a red apple', '--init_image', str(sample_run / 'init.png'),
+                    '--mask', str(sample_run / 'mask.png'), '--n', '2', '--individual')
+    assert _png(paths[0]).shape == (18 + 2, 3 * 18 + 2, 3)  # the input with its hole greyed out, then 2 fills
+    for path in paths[2:]:
+        fill = _png(path)
+        assert np.abs(fill[:, :10] - image[:, :10]).max() <= 1 / 255
+        assert np.abs(fill[:, 10:] - image[:, 10:]).mean() > 0.05
+    # a panorama: slide right by half a canvas twice, keeping the start
+    strip = _png(_sample('--out_dir', run, '--prompt', 'a red apple', '--init_image', str(sample_run / 'init.png'),
+                         '--outpaint', 'right', '--repeat', '2', '--n', '1', '--individual')[1])
+    assert strip.shape == (16, 16 + 2 * 8, 3)
+    assert np.abs(strip[:, :16] - image).max() <= 1 / 255
+    # from the prompt alone, upwards: two tall strips side by side
+    grid = _png(_sample('--out_dir', run, '--prompt', 'a red apple', '--outpaint', 'up', '--n', '2')[0])
+    assert grid.shape == (16 + 8 + 4, 2 * 18 + 2, 3)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--out_dir', '/nonexistent/run'], "error: no checkpoint at '/nonexistent/run'"),
+    (['--cfg', 'high'], "error: config key 'cfg' expects float"),
+    (['--steps', '0'], "error: --steps must be >= 1, got 0"),
+    (['--prompt', ''], "error: --prompt is empty"),
+    (['--size', '15'], "error: --size 15 is not a positive multiple of 2"),
+    (['--outpaint', 'right'], "is not an outpainting model"),
+])
+def test_sample_errors_are_one_line(sample_run, args, message):
+    proc = run_script('sample.py', '--out_dir', str(sample_run / 'run'), *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # ===== eval.py =====
