@@ -719,6 +719,234 @@ def test_sample_errors_are_one_line(sample_run, args, message):
 
 
 # ===== eval.py =====
+import eval as evaluation  # noqa: E402 (not `eval`: the builtin)
+
+
+def _exact_gaussian(n, mu, cov, generator):
+    """n samples whose sample mean is exactly mu and whose unbiased sample covariance is exactly cov."""
+    z = torch.randn(n, len(mu), generator=generator, dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(z.T @ z / (n - 1))).T  # whitened: covariance I
+    return z @ torch.linalg.cholesky(cov).T + mu
+
+
+def test_frechet_distance_on_known_gaussians():
+    """Covariances Q·diag(d)·Qᵀ that share eigenvectors: d² = ‖μ1-μ2‖² + Σ(√d1 - √d2)², exactly."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))  # a random rotation
+    d1, d2 = torch.tensor([1., 2., 3., 4.], dtype=torch.float64), torch.tensor([4., 1., .25, 9.], dtype=torch.float64)
+    mu1, mu2 = torch.tensor([0., 1., 2., 3.], dtype=torch.float64), torch.tensor([1., 1., 0., 3.], dtype=torch.float64)
+    cov1, cov2 = q @ torch.diag(d1) @ q.T, q @ torch.diag(d2) @ q.T
+    x1, x2 = _exact_gaussian(50, mu1, cov1, g), _exact_gaussian(70, mu2, cov2, g)
+    expected = ((mu1 - mu2) ** 2).sum() + ((d1.sqrt() - d2.sqrt()) ** 2).sum()  # 5 + 1 + 0.0858 + 1 = 8.69
+    assert evaluation.frechet_distance(x1, x2) == pytest.approx(expected.item(), rel=1e-9)
+    assert evaluation.frechet_distance(x1, _exact_gaussian(3000, mu1, cov1, g)) == pytest.approx(0.0, abs=1e-9)
+    assert evaluation.frechet_distance(x1, x1 + 0.5) == pytest.approx(4 * 0.25, rel=1e-9)  # a shift: ‖0.5·1‖²
+    # fewer samples than features (FID's usual case, rank-deficient Σ): the same number as torchmetrics'
+    # general-eigenvalue formula on the full covariances
+    from torchmetrics.image.fid import _compute_fid
+    y1, y2 = torch.randn(20, 64, generator=g, dtype=torch.float64), 2 * torch.randn(30, 64, generator=g, dtype=torch.float64) + 1
+    expected = _compute_fid(y1.mean(0), torch.cov(y1.T), y2.mean(0), torch.cov(y2.T)).item()
+    assert evaluation.frechet_distance(y1, y2) == pytest.approx(expected, rel=1e-6)
+
+
+def _toy_emojis(K=60, seed=0):
+    """K distinct blocky 32×32 'emojis' in [0, 1]; #1 is drawn exactly like #0 (two names, one image)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.interpolate(torch.rand(K, 3, 4, 4, generator=g), size=32, mode='nearest')
+    images[1] = images[0]
+    return images
+
+
+def test_prompt_fidelity_is_exact_on_real_images_and_chance_on_noise():
+    emojis = _toy_emojis()
+    train, val = emojis.repeat(3, 1, 1, 1), emojis[::2]  # 3 captions each in train, a held-out one for half
+    ref = evaluation.Reference(torch.cat([train, val]))
+    assert ref.K == 59  # the duplicate drawing is one class
+    targets = ref.row_class[len(train):]
+    assert evaluation.prompt_fidelity(ref, ref.features(val), targets) == (1.0, 1.0)
+    # a noisy copy is still recognised: the metric measures which emoji, not exact pixels
+    g = torch.Generator().manual_seed(1)
+    noisy = (val + 0.1 * torch.randn(val.shape, generator=g)).clamp(0, 1)
+    assert evaluation.prompt_fidelity(ref, ref.features(noisy), targets)[0] == 1.0
+    # noise with uniformly drawn targets scores chance, 1/K and 5/K, within 4 standard errors
+    N = 3000
+    top1, top5 = evaluation.prompt_fidelity(ref, ref.features(torch.rand(N, 3, 32, 32, generator=g)),
+                                            torch.randint(ref.K, (N,), generator=g))
+    for got, p in ((top1, ref.chance(1)), (top5, ref.chance(5))):
+        assert abs(got - p) < 4 * math.sqrt(p * (1 - p) / N), (got, p)
+    # diversity: 0 for copies of one image; about the random-pair distance for unrelated images
+    assert evaluation.diversity(ref.features(val.repeat_interleave(4, 0)), 4) == 0.0
+    spread = evaluation.diversity(ref.features(emojis[2:]), 29)  # 2 'prompts' of 29 different emojis
+    assert spread == pytest.approx(ref.random_pair_distance(), rel=0.1)
+
+
+def test_sweep_arguments_parse_as_lists():
+    ns = dict(cfg=(7.0,), steps=(15,), sampler='dpmpp2m')
+    configure(ns, ['--cfg', '1,3,5,7', '--steps=5,10', '--sampler', 'ddim,dpmpp2m'], exit_on_error=False)
+    assert evaluation.as_list(ns['cfg'], float, 'cfg') == [1.0, 3.0, 5.0, 7.0]
+    assert evaluation.as_list(ns['steps'], int, 'steps') == [5, 10]
+    assert evaluation.as_list(ns['sampler'], str, 'sampler') == ['ddim', 'dpmpp2m']
+    configure(ns, ['--cfg=7', '--steps', '5', '25'], exit_on_error=False)
+    assert evaluation.as_list(ns['cfg'], float, 'cfg') == [7.0]
+    assert evaluation.as_list(ns['steps'], int, 'steps') == [5, 25]
+
+
+def _tiny_clip(path):
+    """A random 2-layer CLIP with a character-level tokenizer, saved like a hub model."""
+    import string
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = {t: i for i, t in enumerate(['<|startoftext|>', '<|endoftext|>'] + chars + [c + '</w>' for c in chars])}
+    try:
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=[])  # transformers 5
+    except TypeError:  # transformers 4 reads files
+        json.dump(vocab, open(os.path.join(path, 'vocab.json'), 'w'))
+        open(os.path.join(path, 'merges.txt'), 'w').write('#version: 0.2\n')
+        tokenizer = CLIPTokenizer(os.path.join(path, 'vocab.json'), os.path.join(path, 'merges.txt'))
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1, **small),
+                        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={'shortest_edge': 32},
+                                                                 crop_size={'height': 32, 'width': 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_clip_score_is_the_cosine_of_clip_embeddings(tmp_path):
+    path = _tiny_clip(str(tmp_path))
+    score = evaluation.ClipScore(path)
+    g = torch.Generator().manual_seed(0)
+    images, prompts = torch.rand(3, 3, 32, 32, generator=g), ['a cat', 'a red dog on a mat', 'owl']
+    got = score(images, prompts)
+    # by hand: CLIP's projected embeddings of the preprocessed image and the tokenized prompt
+    model, proc = score.model, score.processor
+    with torch.no_grad():
+        img = model.visual_projection(model.vision_model(
+            pixel_values=proc(images=[(x.permute(1, 2, 0) * 255).round().byte().numpy() for x in images],
+                              return_tensors='pt').pixel_values).pooler_output)
+        for i, p in enumerate(prompts):  # one at a time: no padding at all
+            txt = model.text_projection(model.text_model(**proc(text=[p], return_tensors='pt')).pooler_output)
+            assert got[i].item() == pytest.approx(torch.nn.functional.cosine_similarity(img[i:i + 1], txt).item(), abs=1e-5)
+    assert got.abs().max() <= 1
+    # the checkpoint's text encoder decides the default; a non-CLIP one is skipped with the reason
+    assert evaluation.clip_or_reason('', 'minilm') == (None, "the checkpoint's text encoder is 'minilm', not a "
+                                                             "CLIP (pass --clip=NAME_OR_DIR to score with one anyway)")
+    assert 'cannot load CLIP' in evaluation.clip_or_reason(str(tmp_path / 'nothing'), 'minilm')[1]
+
+
+def _toy_run(root, K):
+    """A pixel-space prepared set in prepare.py's format (toy emojis, 2 train captions and 1 val caption each,
+    random 8-d text embeddings) and a random tiny 32 px denoiser 'trained on it': root/data, root/run/ckpt.pt."""
+    data, D = root / 'data', 8
+    os.makedirs(data)
+    images = (_toy_emojis(K, seed=3) * 2 - 1).numpy().astype(np.float16)  # [-1, 1], #1 drawn like #0
+    rng = np.random.default_rng(0)
+    np.save(data / 'latents.npy', np.repeat(images, 2, axis=0))
+    np.save(data / 'val_latents.npy', images)
+    np.save(data / 'text_emb.npy', rng.standard_normal((2 * K, D)).astype(np.float16))
+    np.save(data / 'val_text_emb.npy', rng.standard_normal((K, D)).astype(np.float16))
+    for name, captions in (('captions', [f'emoji {i} take {j}' for i in range(K) for j in range(2)]),
+                           ('val_captions', [f'emoji number {i}' for i in range(K)])):
+        with open(data / f'{name}.jsonl', 'w') as f:
+            f.writelines(json.dumps(dict(caption=c)) + '\n' for c in captions)
+    meta = dict(text_encoder='toy', text_dim=D, vae='none', scale_factor=1.0, latent_shape=[3, 32, 32],
+                image_size=32, n=2 * K, n_val=K, quantization=None)
+    json.dump(meta, open(data / 'meta.json', 'w'))
+    args = dict(n_channels=3, image_size=32, patch_size=4, embed_dim=32, n_layers=1, head_dim=16,
+                mlp_multiplier=2, text_emb_size=D)
+    torch.manual_seed(0)
+    model = Denoiser(**args)
+    os.makedirs(root / 'run')
+    torch.save({'model': model.state_dict(), 'ema': model.state_dict(), 'model_args': args, 'iter_num': 7,
+                'config': {'data_dir': str(data)}, 'data_meta': meta}, root / 'run' / 'ckpt.pt')
+    return images
+
+
+@pytest.fixture(scope='module')
+def eval_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('eval')
+    _toy_run(root, K=20)
+    return root
+
+
+def test_eval_cli_sweep_writes_json(eval_run):
+    run = eval_run / 'run'
+    proc = run_script('eval.py', f'--out_dir={run}', '--sampler', 'ddim,dpmpp2m', '--steps', '1,4', '--cfg=3',
+                      '--n_prompts=6', '--n_per_prompt=3')
+    assert "CLIP score skipped: the checkpoint's text encoder is 'toy'" in proc.stdout
+    assert 'FID skipped: no Inception weights: pass --inception=PATH' in proc.stdout
+    assert '| sampler | cfg | steps | top1 |' in proc.stdout
+    report = json.load(open(run / 'eval.json'))
+    assert (report['n_prompts'], report['n_per_prompt'], report['iter_num']) == (6, 3, 7)
+    assert report['skipped']['fid'].startswith('no Inception weights')
+    rows = {(r['sampler'], r['steps']): r for r in report['rows']}
+    assert sorted(rows) == [('ddim', 1), ('ddim', 4), ('dpmpp2m', 1), ('dpmpp2m', 4)]
+    for r in rows.values():
+        assert r['cfg'] == 3.0 and 0 <= r['top1'] <= r['top5'] <= 1 and 0 < r['diversity'] <= 2
+        assert r['fid'] is None and r['clip'] is None
+    # one step from pure noise is D(noise) for both samplers, and every setting starts from the same
+    # noise: the two one-step rows are the same images, so the same numbers. Up to 3 steps the samplers
+    # agree (step 2 extrapolates from a step out of σ = 1, which has r = ∞; the last lands on D); 4 differ
+    for m in ('top1', 'top5', 'diversity'):
+        assert rows['ddim', 1][m] == rows['dpmpp2m', 1][m], m
+    assert rows['ddim', 4]['diversity'] != rows['dpmpp2m', 4]['diversity']
+    random, real = report['baselines']['random guess'], report['baselines']['real images']
+    assert (random['top1'], random['top5']) == (pytest.approx(1 / 19), pytest.approx(5 / 19))  # 20 emojis, 19 drawings
+    assert (real['top1'], real['top5'], real['diversity']) == (1.0, 1.0, 0.0)
+    assert os.path.isfile(run / 'eval' / 'dpmpp2m_cfg3_steps4.png')
+    # --cfg 1,3 and --n_prompts=0 (all 20), written elsewhere
+    out = eval_run / 'cfg_sweep.json'
+    run_script('eval.py', f'--ckpt={run / "ckpt.pt"}', '--cfg', '1,3', '--steps=2', '--n_prompts=0',
+               '--n_per_prompt=2', f'--out={out}', '--grids=False')
+    report = json.load(open(out))
+    assert [(r['sampler'], r['cfg'], r['steps']) for r in report['rows']] == [('dpmpp2m', 1.0, 2), ('dpmpp2m', 3.0, 2)]
+    assert report['n_prompts'] == 20
+
+
+def test_eval_cli_fid_with_local_inception_weights(tmp_path):
+    """The real FID path: torchmetrics' Inception-v3 from a weights file in torch-fidelity's format (random
+    weights here: the real ones need a download), against a folder of reference images. The reference is
+    the val images themselves, so the real images' own FID is 0 and the generated images' is not."""
+    from unittest import mock
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
+    images = _toy_run(tmp_path, K=3)
+    os.makedirs(tmp_path / 'ref')
+    for i, img in enumerate(images):
+        pixels = ((img.astype(np.float32) + 1) / 2 * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        Image.fromarray(pixels).save(tmp_path / 'ref' / f'{i}.png')
+    with mock.patch.object(fidelity_inception, 'load_state_dict_from_url', lambda *a, **k: None), \
+            mock.patch.object(fidelity_inception.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None):
+        inception = fidelity_inception.FeatureExtractorInceptionV3('inception-v3-compat', ['2048'])
+    for m in inception.modules():  # PyTorch's default init shrinks activations 1e-8-fold over 94 convs
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, generator=torch.Generator().manual_seed(0), nonlinearity='relu')
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in inception.state_dict().items()},
+               tmp_path / 'inception.pth')  # half: 48 MB instead of 96; loading casts back
+    run_script('eval.py', f'--out_dir={tmp_path / "run"}', '--steps=1', '--n_prompts=0', '--n_per_prompt=2',
+               f'--inception={tmp_path / "inception.pth"}', f'--fid_ref={tmp_path / "ref"}', '--grids=False')
+    report = json.load(open(tmp_path / 'run' / 'eval.json'))
+    assert 'fid' not in report['skipped']
+    assert report['baselines']['real images']['fid'] == pytest.approx(0.0, abs=1e-6)
+    assert report['rows'][0]['fid'] > 1e-3
+    bad = run_script('eval.py', f'--out_dir={tmp_path / "run"}', '--steps=1', f'--inception={tmp_path / "ref" / "0.png"}')
+    assert f"FID skipped: --inception '{tmp_path / 'ref' / '0.png'}' is not torch-fidelity's Inception-v3 weights" in bad.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--sampler', 'ddim,euler'], "--sampler must be among ['ddim', 'dpmpp2m'], got 'euler'"),
+    (['--cfg', 'high'], "--cfg expects a comma-separated list of floats, got ('high',)"),
+    (['--steps', '0,5'], '--steps must all be >= 1, got [0, 5]'),
+    (['--out_dir=/no/such/run'], "no checkpoint at '/no/such/run' (train one with: python train.py config/tiny.py)"),
+])
+def test_eval_errors_are_one_line(args, message):
+    proc = run_script('eval.py', *args, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {message}"
+
 
 
 # ===== outpainting and high resolution =====
