@@ -334,10 +334,12 @@ class TextEncoder:
     def __call__(self, captions):
         if isinstance(captions, str):
             captions = [captions]
+        order = sorted(range(len(captions)), key=lambda i: len(captions[i]))  # similar lengths pad less
         out = [torch.empty(0, self.dim, device=self.device)]
         for i in range(0, len(captions), self.batch_size):
-            batch = self.tokenizer(list(captions[i:i + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors='pt').to(self.device)
+            chunk = [captions[j] for j in order[i:i + self.batch_size]]
+            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                   return_tensors='pt').to(self.device)
             with _autocast(self.device, self.amp):
                 if self.pooling == 'clip':
                     emb = self.model(**batch).text_embeds.float()  # (B, dim)
@@ -349,7 +351,7 @@ class TextEncoder:
                         mask = batch['attention_mask'].unsqueeze(-1).float()  # (B, T, 1)
                         emb = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out.append(F.normalize(emb, dim=-1) if self.normalize else emb)
-        return torch.cat(out)
+        return torch.cat(out)[torch.tensor(order, dtype=torch.long).argsort()]  # back to the input's order
 
 
 class ImageCodec:
