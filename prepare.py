@@ -177,10 +177,8 @@ def emoji_names(e, data):
         uname = unicodedata.name(base, '').lower()
         if uname and 'cjk' not in uname and 'regional indicator' not in uname:
             names.append(uname)
-    for alias in data.get('alias') or []:
+    for alias in [] if flag else data.get('alias') or []:  # a flag's aliases: 'flag for Andorra', 'andorra'
         alias = alias.strip(':').replace('_', ' ')
-        if flag:  # 'flag for Andorra', 'andorra': the names above say it better
-            continue
         if re.fullmatch(r"[A-Za-z][A-Za-z ']*", alias):  # words only: not ':+1:' or ':clock1:'
             names.append(alias)
     seen = set()
@@ -233,7 +231,7 @@ def render_emoji(font_path, out_dir, size):
     cols, canvas = 64, 160
     atlas = Image.new('RGB', (cols * size, -(-len(chosen) // cols) * size), 'white')
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'emoji.jsonl'), 'w') as f:
+    with open(os.path.join(out_dir, 'emoji.jsonl'), 'w', encoding='utf-8') as f:
         for i, e in enumerate(chosen):
             glyph = Image.new('RGBA', (canvas, canvas), (255, 255, 255, 0))
             ImageDraw.Draw(glyph).text((canvas // 2, canvas // 2), e, font=font, embedded_color=True, anchor='mm')
@@ -476,7 +474,7 @@ def urls_source(c, out_dir):
     marker = os.path.join(shards, 'download.json')
     wanted = dict(input=os.path.abspath(path), image_size=c.image_size, min_image_size=c.min_image_size,
                   url_col=c.url_col, caption_col=c.caption_col)
-    done = json.load(open(marker)) if os.path.isfile(marker) else {}
+    done = json.load(open(marker, encoding='utf-8')) if os.path.isfile(marker) else {}
     if done.get('settings') != wanted:
         try:
             from img2dataset import download
@@ -495,7 +493,7 @@ def urls_source(c, out_dir):
             t = pq.read_table(p, columns=['url', 'status', 'error_message']).to_pylist()
             failed += [(r['url'], f"download failed ({r['error_message']})") for r in t if r['status'] != 'success']
         done = dict(settings=wanted, failed=failed)
-        with open(marker + '.tmp', 'w') as f:
+        with open(marker + '.tmp', 'w', encoding='utf-8') as f:
             json.dump(done, f)
         os.replace(marker + '.tmp', marker)
     return wds_source(c, shards, [tuple(x) for x in done['failed']])
@@ -566,7 +564,7 @@ def shrink_npy(path, n):
 
 
 def _write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
     os.replace(path + '.tmp', path)  # atomic: a kill leaves the old file or the new one
 
@@ -631,13 +629,13 @@ def prepare(**overrides):
 
     # ----- a finished run, an interrupted one, or a fresh start -----
     progress_path, meta_path = os.path.join(out_dir, 'progress.json'), os.path.join(out_dir, 'meta.json')
-    previous = json.load(open(progress_path)) if os.path.isfile(progress_path) else \
-        json.load(open(meta_path)) if os.path.isfile(meta_path) else None
+    previous = json.load(open(progress_path, encoding='utf-8')) if os.path.isfile(progress_path) else \
+        json.load(open(meta_path, encoding='utf-8')) if os.path.isfile(meta_path) else None
     if c.overwrite:
         previous = None
-    if previous is not None and previous['settings'] != settings:
-        diff = ', '.join(f"{k}: {previous['settings'].get(k)!r} -> {v!r}" for k, v in settings.items()
-                         if previous['settings'].get(k) != v)
+    if previous is not None and previous.get('settings') != settings:
+        old = previous.get('settings') or {}
+        diff = ', '.join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
         fail(f"{out_dir} holds a run with other settings ({diff}): pass --overwrite=True to replace it, "
              f"or another --out_dir")
     if previous is not None and not os.path.isfile(progress_path):
@@ -823,7 +821,7 @@ def load_prepared(data_dir):
             fail(f"{data_dir}: an unfinished prepare.py run; run the same prepare.py command again to finish it")
         fail(f"{meta_path} not found: {data_dir} is not a prepare.py output")
     try:
-        meta = json.load(open(meta_path))
+        meta = json.load(open(meta_path, encoding='utf-8'))
     except ValueError as e:
         fail(f"{meta_path}: not JSON ({e})")
     arrays = {}
