@@ -5,6 +5,7 @@ reports, for every setting (sampler × cfg × steps):
 
     top1, top5  prompt fidelity (pixel-space data like the emoji set): how often the nearest real image
                 to a generated one is the image of the held-out caption it was made from
+    rank        the median rank of that intended image among all real ones (1 = a hit, (K+1)/2 = chance)
     diversity   the mean pairwise distance between the images of one prompt, in the same features
     fid         Fréchet Inception distance to reference images (needs --inception, a local weights file)
     clip        CLIP score: the cosine of CLIP's image and prompt embeddings (needs a CLIP)
@@ -115,6 +116,14 @@ def prompt_fidelity(ref, feats, targets):
     return hit[:, 0].float().mean().item(), hit.any(1).float().mean().item()
 
 
+def target_rank(ref, feats, targets):
+    """The median over images of the rank of the intended image among all K by similarity: 1 is a hit,
+    (K+1)/2 is chance. Still moves when top-5 is 0, as for a young model."""
+    sims = feats @ ref.feats.T  # (B, K)
+    rank = 1 + (sims > sims.gather(1, targets[:, None])).sum(1)  # (B,)
+    return rank.float().median().item()
+
+
 def diversity(feats, n_per_prompt):
     """Mean L2 distance between the unit features of two images of the same prompt, averaged over
     prompts; feats (P·n, F) prompt-major. 0 when every image of a prompt is the same; at most 2."""
@@ -129,13 +138,14 @@ def measure(images, targets, n_per_prompt, ref, fid=None, clip_score=None, promp
     """Every metric of one setting. images (P·n, 3, H, W) in [0, 1], prompt-major; targets (P·n,) the class
     in ref of each image's prompt (or None: no fidelity); fid an InceptionFID holding the reference's
     features; clip_score a ClipScore with prompts (P·n,) the caption of each image.
-    -> {'top1', 'top5', 'diversity', 'fid', 'clip'}, a missing metric None."""
-    row = dict(top1=None, top5=None, diversity=None, fid=None, clip=None)
+    -> {'top1', 'top5', 'rank', 'diversity', 'fid', 'clip'}, a missing metric None."""
+    row = dict(top1=None, top5=None, rank=None, diversity=None, fid=None, clip=None)
     if ref is not None:
         feats = ref.features(images)
         row['diversity'] = diversity(feats, n_per_prompt)
         if targets is not None:
             row['top1'], row['top5'] = prompt_fidelity(ref, feats, targets)
+            row['rank'] = target_rank(ref, feats, targets)
     if fid is not None:
         row['fid'] = fid(images)
     if clip_score is not None:
@@ -299,23 +309,27 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
-def fmt(v, pct=False):
+def fmt(v, pct=False, rank=False):
     if v is None:
         return '-'
-    return f"{100 * v:.1f}%" if pct else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    if rank:
+        return f"{v:g}"
+    if pct:
+        return f"{100 * v:.2f}%" if 0 < v < 0.01 else f"{100 * v:.1f}%"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def table(rows, baselines):
     """The results as a markdown table, baselines last."""
-    head = "| sampler | cfg | steps | top1 | top5 | diversity | FID | CLIP | img/s |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| sampler | cfg | steps | top1 | top5 | rank | diversity | FID | CLIP | img/s |"
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['cfg']:g} | {r['steps']} | {fmt(r['top1'], True)} | "
-                     f"{fmt(r['top5'], True)} | {fmt(r['diversity'])} | {fmt(r['fid'])} | {fmt(r['clip'])} | "
-                     f"{r['images_per_s']:.1f} |")
+                     f"{fmt(r['top5'], True)} | {fmt(r['rank'], rank=True)} | {fmt(r['diversity'])} | "
+                     f"{fmt(r['fid'])} | {fmt(r['clip'])} | {r['images_per_s']:.1f} |")
     for name, b in baselines.items():
-        lines.append(f"| {name} | | | {fmt(b['top1'], True)} | {fmt(b['top5'], True)} | {fmt(b['diversity'])} | "
-                     f"{fmt(b['fid'])} | {fmt(b['clip'])} | |")
+        lines.append(f"| {name} | | | {fmt(b['top1'], True)} | {fmt(b['top5'], True)} | "
+                     f"{fmt(b['rank'], rank=True)} | {fmt(b['diversity'])} | {fmt(b['fid'])} | {fmt(b['clip'])} | |")
     return "\n".join(lines)
 
 
@@ -367,7 +381,9 @@ def main():
     # the prompts: a seeded subset of the val captions, each with the real image it was written for
     rng = np.random.default_rng(seed)
     n_val = len(data.val_latents)
-    rows_idx = np.arange(n_val) if n_prompts == 0 or n_prompts >= n_val else np.sort(rng.choice(n_val, n_prompts, replace=False))
+    rows_idx = np.arange(n_val)
+    if 0 < n_prompts < n_val:
+        rows_idx = np.sort(rng.choice(n_val, n_prompts, replace=False))
     P, n = len(rows_idx), n_per_prompt
     captions = [data.val_captions[i] for i in rows_idx]
     text_emb = torch.from_numpy(np.asarray(data.val_text_emb[rows_idx], dtype=np.float32))  # (P, D)
@@ -380,11 +396,12 @@ def main():
     pixel_space = meta.get('vae', 'none') == 'none'
     if pixel_space:
         real_val = to_unit(data.to_tensor(data.val_latents[rows_idx]))  # (P, 3, H, W)
-        ref = Reference(torch.cat([to_unit(data.to_tensor(data.latents[:])), to_unit(data.to_tensor(data.val_latents[:]))]))
+        ref = Reference(to_unit(torch.cat([data.to_tensor(data.latents[:]), data.to_tensor(data.val_latents[:])])))
         targets = ref.row_class[len(data.latents) + torch.from_numpy(rows_idx)].repeat_interleave(n)
         print(f"prompt fidelity: {ref.K} distinct images in {data_path} (train and val)")
     else:
-        skipped['fidelity'] = "prompt fidelity and diversity need pixel-space data (the emoji set); this data is VAE latents"
+        skipped['fidelity'] = ("prompt fidelity and diversity need pixel-space data (the emoji set); "
+                               "this data is VAE latents")
 
     # FID's reference features, computed once for the whole sweep
     fid, reason = fid_or_reason(inception)
@@ -397,8 +414,8 @@ def main():
             ref_images = read_folder(fid_ref, size, fid_ref_n, rng)
         else:
             pick = np.sort(rng.choice(len(data.latents), min(fid_ref_n, len(data.latents)), replace=False))
-            ref_images = torch.cat([to_unit(codec.decode(data.to_tensor(data.latents[pick[i:i + 256]]).to(device)).cpu())
-                                    for i in range(0, len(pick), 256)])
+            ref_images = torch.cat([to_unit(codec.decode(data.to_tensor(data.latents[pick[i:i + 256]], device)).cpu())
+                                    for i in range(0, len(pick), 256)])  # unscaled latents -> [0, 1] images
         print(f"FID reference: {len(ref_images)} images from {fid_ref or data_path}")
         fid.set_reference(ref_images)
     clip_score, reason = clip_or_reason(clip, meta.get('text_encoder'))
@@ -410,12 +427,12 @@ def main():
     # the baselines that make the numbers readable
     baselines = {}
     if ref is not None:
-        baselines['random guess'] = dict(top1=ref.chance(1), top5=ref.chance(5), diversity=ref.random_pair_distance(),
-                                         fid=None, clip=None)
+        baselines['random guess'] = dict(top1=ref.chance(1), top5=ref.chance(5), rank=(ref.K + 1) / 2,
+                                         diversity=ref.random_pair_distance(), fid=None, clip=None)
         real = measure(real_val, targets[::n], 1, ref, fid, clip_score, captions)
         baselines['real images'] = {**real, 'diversity': 0.0}  # one image per caption
     elif fid is not None or clip_score is not None:
-        real_images = to_unit(codec.decode(data.to_tensor(data.val_latents[rows_idx]).to(device)).cpu())
+        real_images = to_unit(codec.decode(data.to_tensor(data.val_latents[rows_idx], device)).cpu())
         baselines['real images'] = measure(real_images, None, 1, None, fid, clip_score, captions)
 
     # the sweep; every setting starts from the same noise
@@ -432,18 +449,19 @@ def main():
                 t_metrics, n_measured = t_metrics + time.time() - t1, n_measured + len(images)
                 row = dict(sampler=s, cfg=g, steps=k, **row, images_per_s=len(images) / (t1 - t0))
                 results.append(row)
-                print(f"{s} cfg {g:g} steps {k}: " + ", ".join(f"{m} {fmt(row[m], m.startswith('top'))}"
-                      for m in ('top1', 'top5', 'diversity', 'fid', 'clip') if row[m] is not None)
-                      + f" ({row['images_per_s']:.1f} img/s)")
-                if grids:
-                    rows_shown = min(P, 8)
-                    grid_path = os.path.join(os.path.dirname(json_path) or '.', 'eval', f"{s}_cfg{g:g}_steps{k}.png")
-                    save_grid(images[:rows_shown * n], n, grid_path)
+                print(f"{s} cfg {g:g} steps {k}: " + ", ".join(
+                    f"{m} {fmt(row[m], pct=m.startswith('top'), rank=m == 'rank')}"
+                    for m in ('top1', 'top5', 'rank', 'diversity', 'fid', 'clip') if row[m] is not None)
+                    + f" ({row['images_per_s']:.1f} img/s)")
+                if grids:  # the first 8 prompts, one row each
+                    grid = os.path.join(os.path.dirname(json_path) or '.', 'eval', f"{s}_cfg{g:g}_steps{k}.png")
+                    save_grid(images[:min(P, 8) * n], n, grid)
 
     report = dict(checkpoint=source, iter_num=checkpoint.get('iter_num'), data_dir=data_path,
                   n_prompts=P, n_per_prompt=n, seed=seed, device=device, dtype=pipe.dtype,
-                  feature_space=f"RGB in [0,1] average-pooled to {FEATURE_SIZE}x{FEATURE_SIZE}, minus the reference "
-                                f"mean, L2-normalized; nearest neighbour over {ref.K if ref else 0} distinct images",
+                  feature_space=f"RGB in [0,1] average-pooled to {FEATURE_SIZE}x{FEATURE_SIZE}, minus the "
+                                f"reference mean, L2-normalized; nearest neighbour over {ref.K if ref else 0} "
+                                f"distinct images",
                   rows=results, baselines=baselines, skipped=skipped,
                   metric_images_per_s=n_measured / max(t_metrics, 1e-9))
     os.makedirs(os.path.dirname(json_path) or '.', exist_ok=True)

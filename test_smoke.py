@@ -775,6 +775,11 @@ def test_prompt_fidelity_is_exact_on_real_images_and_chance_on_noise():
                                             torch.randint(ref.K, (N,), generator=g))
     for got, p in ((top1, ref.chance(1)), (top5, ref.chance(5))):
         assert abs(got - p) < 4 * math.sqrt(p * (1 - p) / N), (got, p)
+    # the median rank of the intended emoji: 1 for the real images, about (K+1)/2 = 30 for noise
+    assert evaluation.target_rank(ref, ref.features(val), targets) == 1
+    noise_rank = evaluation.target_rank(ref, ref.features(torch.rand(N, 3, 32, 32, generator=g)),
+                                        torch.randint(ref.K, (N,), generator=g))
+    assert 25 <= noise_rank <= 35, noise_rank
     # diversity: 0 for copies of one image; about the random-pair distance for unrelated images
     assert evaluation.diversity(ref.features(val.repeat_interleave(4, 0)), 4) == 0.0
     spread = evaluation.diversity(ref.features(emojis[2:]), 29)  # 2 'prompts' of 29 different emojis
@@ -897,7 +902,8 @@ def test_eval_cli_sweep_writes_json(eval_run):
     assert rows['ddim', 4]['diversity'] != rows['dpmpp2m', 4]['diversity']
     random, real = report['baselines']['random guess'], report['baselines']['real images']
     assert (random['top1'], random['top5']) == (pytest.approx(1 / 19), pytest.approx(5 / 19))  # 20 emojis, 19 drawings
-    assert (real['top1'], real['top5'], real['diversity']) == (1.0, 1.0, 0.0)
+    assert (real['top1'], real['top5'], real['rank'], real['diversity']) == (1.0, 1.0, 1, 0.0)
+    assert random['rank'] == 10 and all(1 <= r['rank'] <= 19 for r in rows.values())
     assert os.path.isfile(run / 'eval' / 'dpmpp2m_cfg3_steps4.png')
     # --cfg 1,3 and --n_prompts=0 (all 20), written elsewhere
     out = eval_run / 'cfg_sweep.json'
