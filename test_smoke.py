@@ -562,6 +562,201 @@ def test_shrink_npy_keeps_a_valid_file(tmp_path):
 
 
 # ===== train.py =====
+import re  # noqa: E402
+import signal  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+TRAIN_TINY = ['--embed_dim=32', '--n_layers=2', '--head_dim=16', '--mlp_multiplier=2', '--patch_size=2',
+              '--batch_size=8', '--gradient_accumulation_steps=1', '--dtype=float32', '--learning_rate=3e-3',
+              '--warmup_iters=2', '--eval_samples=16', '--n_sample=4', '--sample_steps=4', '--log_interval=1']
+
+
+def write_prepared(path, size=16, n=40, n_val=8, dim=8, seed=0):
+    """A prepare.py output dir of colored squares on white, one caption per color: the files and meta.json
+    keys that load_prepared checks, in pixel space, small enough for a few-second training run."""
+    rng = np.random.default_rng(seed)
+    colors = np.array([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]], np.float32)  # red green blue yellow
+    names = ['red', 'green', 'blue', 'yellow']
+    emb = rng.standard_normal((4, dim)).astype(np.float32)
+    os.makedirs(path, exist_ok=True)
+    for prefix, rows in (('', n), ('val_', n_val)):
+        k = np.arange(rows) % 4
+        img = np.ones((rows, 3, size, size), np.float32)
+        for i in range(rows):
+            y, x = rng.integers(0, size // 2, 2)
+            img[i, :, y:y + size // 2, x:x + size // 2] = colors[k[i], :, None, None]
+        np.save(os.path.join(path, f'{prefix}latents.npy'), img.astype(np.float16))
+        np.save(os.path.join(path, f'{prefix}text_emb.npy'), emb[k].astype(np.float16))
+        with open(os.path.join(path, f'{prefix}captions.jsonl'), 'w') as f:
+            f.writelines(json.dumps({'caption': f'a {names[j]} square'}) + '\n' for j in k)
+    meta = dict(text_encoder='test', text_dim=dim, vae='none', scale_factor=1.0, shift_factor=0.0,
+                latent_shape=[3, size, size], image_size=size, n=n, n_val=n_val, latent_dtype='float16', quantization=None)
+    with open(os.path.join(path, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return str(path)
+
+
+def train(data_dir, out_dir, *args, check=True, ddp=0):
+    launcher = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ddp}'] if ddp else []
+    return run_script(*launcher, 'train.py', *TRAIN_TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', *args,
+                      check=check)
+
+
+def load_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)  # the safe loader must do
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    """One short training run on the squares, shared by the tests below: (data dir, out dir, stdout)."""
+    root = tmp_path_factory.mktemp('train')
+    data = write_prepared(root / 'data')
+    proc = train(data, root / 'out', '--max_iters=40', '--eval_interval=20', '--ckpt_interval=20')
+    return data, str(root / 'out'), proc.stdout
+
+
+def test_train_loss_goes_down_and_writes_sample_grids(tiny_run):
+    data, out, stdout = tiny_run
+    val = [float(v) for v in re.findall(r'val loss ([\d.]+)', stdout)]
+    assert len(val) == 3  # iters 0, 20, 40
+    assert val[2] < 0.5 * val[0], val
+    grid = Image.open(os.path.join(out, 'samples', 'iter_000040.png'))
+    assert grid.size == (2 * 17 + 1, 2 * 17 + 1)  # 4 images of 16 px in a 2×2 grid, 1 px padding
+    prompts = open(os.path.join(out, 'samples', 'prompts.txt')).read().split('\n')
+    assert prompts[:4] == ['a red square', 'a blue square', 'a green square', 'a yellow square']  # val rows 0, 2, 5, 7
+    ckpt = load_ckpt(out)
+    assert set(ckpt) == {'model', 'ema', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss',
+                         'config', 'data_meta', 'rng', 'data_state'}
+    assert ckpt['iter_num'] == 40 and ckpt['best_val_loss'] == pytest.approx(min(val), abs=1e-4)
+    assert ckpt['data_state'] == {'epoch': 8, 'pos': 0}  # 40 iters × 8 rows = 8 epochs of 40
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
+
+
+def test_train_same_seed_is_identical_and_resume_is_exact(tmp_path):
+    """N steps, a resume, N more steps: bitwise the 2N steps straight, data order (across an epoch
+    boundary), noise, EMA and optimizer state included."""
+    data = write_prepared(tmp_path / 'data')
+    args = ['--max_iters=6', '--lr_decay_iters=6', '--gradient_accumulation_steps=2']  # 16 rows a step, 40 an epoch
+    train(data, tmp_path / 'a', *args)
+    train(data, tmp_path / 'b', *args)
+    train(data, tmp_path / 'c', *args[1:], '--max_iters=3')
+    train(data, tmp_path / 'c', *args, '--init_from=resume')
+    a, b, c = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b'), load_ckpt(tmp_path / 'c')
+    for other in (b, c):
+        for key in ('model', 'ema'):
+            assert_same_state(a[key], other[key])
+        for p in a['optimizer']['state']:
+            assert_same_state(a['optimizer']['state'][p], other['optimizer']['state'][p])
+        assert other['data_state'] == a['data_state'] == {'epoch': 2, 'pos': 16}
+        assert torch.equal(other['rng'][0]['torch'], a['rng'][0]['torch'])
+
+
+# σ < 1e-8 and no text dropout: the loss is then a function of the rows alone, the same whichever
+# process or micro-step draws its random numbers
+NO_NOISE = ['--max_iters=1', '--beta_a=1e-3', '--beta_b=1e9', '--p_uncond=0', '--grad_clip=0', '--warmup_iters=0']
+
+
+@pytest.fixture(scope='module')
+def first_step_grads(tmp_path_factory):
+    """The gradients of one step on the same global batch of 8 rows, split three ways. AdamW's first
+    moment after one step is (1 - beta1)·g, so the checkpoint holds them."""
+    root = tmp_path_factory.mktemp('grads')
+    data = write_prepared(root / 'data')
+    runs = {'ddp': (['--batch_size=4', '--gradient_accumulation_steps=2'], 2),  # 2 processes × 4 rows
+            'accumulate': (['--batch_size=4', '--gradient_accumulation_steps=2'], 0),  # 1 process, 2 micro-steps
+            'one_batch': (['--batch_size=8', '--gradient_accumulation_steps=1'], 0)}
+    grads = {}
+    for name, (args, ddp) in runs.items():
+        train(data, root / name, *NO_NOISE, *args, ddp=ddp)
+        state = load_ckpt(root / name)['optimizer']['state']
+        grads[name] = torch.cat([state[p]['exp_avg'].flatten() for p in sorted(state)]) / (1 - 0.9)
+    grads['ddp_ranks'] = len(load_ckpt(root / 'ddp')['rng'])
+    return grads
+
+
+def test_ddp_on_two_processes_matches_one_process(first_step_grads):
+    g = first_step_grads
+    assert g['accumulate'].abs().max() > 1e-2
+    torch.testing.assert_close(g['ddp'], g['accumulate'], rtol=1e-4, atol=1e-6)
+    assert g['ddp_ranks'] == 2  # the checkpoint holds each rank's random state
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(first_step_grads):
+    g = first_step_grads
+    torch.testing.assert_close(g['accumulate'], g['one_batch'], rtol=1e-4, atol=1e-6)
+
+
+def test_train_errors_are_one_line(tmp_path, tiny_run):
+    data, out, _ = tiny_run
+    cases = [  # each overrides the good settings before it
+        (['--batch_sise=8'], "error: unknown config key 'batch_sise' (did you mean batch_size?)"),
+        ([f'--data_dir={tmp_path}/missing'], f"error: {tmp_path}/missing: no such directory"),
+        (['--dtype=bf16'], "error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got 'bf16'"),
+        ([f'--out_dir={out}'], f"error: {out}/ckpt.pt exists; continue it with --init_from=resume"),
+        ([f'--init_from={tmp_path}/nothing.pt'], f"error: no checkpoint at '{tmp_path}/nothing.pt'"),
+    ]
+    for args, message in cases:
+        proc = train(data, tmp_path / 'o', *args, check=False)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(message), (args, proc.stderr)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = write_prepared(tmp_path / 'data')
+    proc = train(data, tmp_path / 'o', '--max_iters=20', '--learning_rate=1e30', '--warmup_iters=0',
+                 '--grad_clip=0', check=False)
+    assert proc.returncode == 1 and 'error: the loss is nan' in proc.stderr, proc.stderr
+    ckpt = load_ckpt(tmp_path / 'o')
+    assert ckpt['iter_num'] == 0 and all(v.isfinite().all() for v in ckpt['model'].values())
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    data = write_prepared(tmp_path / 'data')
+    proc = subprocess.Popen([sys.executable, 'train.py', *TRAIN_TINY, f'--data_dir={data}', f'--out_dir={tmp_path}/o',
+                             '--max_iters=100000', '--eval_interval=100000'], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith('iter 3:'):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert 'interrupted; continue with' in out
+    assert load_ckpt(tmp_path / 'o')['iter_num'] >= 3
+
+
+def test_finetune_widens_the_input_exactly_and_resizes_the_positional_table(tmp_path, tiny_run):
+    """init_from=<ckpt> with --outpaint: the new input channels start at zero, so at step 0 the widened
+    model computes exactly what the base model did, whatever the masked image. With data at twice the
+    size, the positional table is resized (bilinear) and training goes on at the new size."""
+    from diffusion import masked_input, random_masks
+    from model import denoiser_from_checkpoint, resize_positional_table
+    data, base_out, _ = tiny_run
+    base = denoiser_from_checkpoint(load_ckpt(base_out))
+    train(data, tmp_path / 'wide', f'--init_from={base_out}/ckpt.pt', '--outpaint=True', '--max_iters=0')
+    wide = denoiser_from_checkpoint(load_ckpt(tmp_path / 'wide'))
+    assert wide.cond_channels == 4 and load_ckpt(tmp_path / 'wide')['model_args']['cond_channels'] == 4
+    g = torch.Generator().manual_seed(0)
+    x, known, text = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 8, generator=g)
+    sigma = torch.rand(4, generator=g)
+    cond = masked_input(known, random_masks(4, 16, 16, g))
+    torch.testing.assert_close(wide(x, sigma, text, cond=cond), base(x, sigma, text), rtol=1e-5, atol=1e-6)
+
+    data32 = write_prepared(tmp_path / 'data32', size=32)
+    train(data32, tmp_path / 'big', f'--init_from={base_out}', '--max_iters=0')
+    big = load_ckpt(tmp_path / 'big')
+    assert big['model_args']['image_size'] == 32
+    torch.testing.assert_close(big['ema']['pos_emb'], resize_positional_table(base.pos_emb.detach(), (16, 16)))
+    train(data32, tmp_path / 'big', '--init_from=resume', '--max_iters=3')
+    assert load_ckpt(tmp_path / 'big')['iter_num'] == 3
+
+
 
 
 # ===== sample.py =====
