@@ -62,6 +62,7 @@ repeat = 1  # outpaint this many times in a row: a panorama
 # output
 out = ''  # the grid's path; default out_dir/samples/<prompt>_cfg_<cfg>_seed_<seed>.png
 individual = False  # also save each image on its own, in a folder named like the grid
+zoom = 1  # enlarge the saved images by this factor (nearest neighbour): 32-px samples are hard to see
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 where the hardware has it, else fp16 on GPU, fp32 on CPU
@@ -248,10 +249,12 @@ def read_mask(path, size, downsample):
     return F.max_pool2d(m.float(), downsample) if downsample > 1 else m.float()
 
 
-def save_grid(images, nrow, path, individual_names=()):
+def save_grid(images, nrow, path, individual_names=(), zoom=1):
     """Write images (B, 3, H, W) in [0, 1] as one grid PNG, and each image on its own if names are given,
-    into a folder next to the grid named like it. Returns the paths written."""
+    into a folder next to the grid named like it; zoom enlarges them (nearest). Returns the paths written."""
     from torchvision.utils import save_image  # here, not at the top: its import costs ~1 s, errors need not wait
+    if zoom > 1:
+        images = F.interpolate(images, scale_factor=zoom, mode='nearest')
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
     written = [path]
@@ -278,6 +281,8 @@ def check_args():
         fail(f"--sampler must be one of {sorted(SAMPLERS)}, got '{sampler}'")
     if n < 1:
         fail(f"--n must be >= 1, got {n}")
+    if zoom < 1:
+        fail(f"--zoom must be >= 1, got {zoom}")
     if dtype not in ('auto', *PTDTYPES):
         fail(f"--dtype must be 'auto' or one of {sorted(PTDTYPES)}, got '{dtype}'")
     if size is not None and not (isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 2
@@ -302,8 +307,8 @@ def check_args():
     if (interp or interp_seeds) and (outpaint or mask):
         fail("interpolation cannot be combined with --outpaint/--mask")
     for flag, path in (('--prompt_file', prompt_file), ('--init_image', init_image), ('--mask', mask)):
-        if path and not os.path.isfile(path):
-            fail(f"{flag} '{path}' does not exist")
+        if path and (not os.path.exists(path) or os.path.isdir(path)):  # exists: /dev/stdin works too
+            fail(f"{flag} '{path}' is not a file")
 
 
 def read_prompts():
@@ -411,7 +416,7 @@ def main():
         name = slug(prompts[0])
     name += f"_{H}x{W}" if size is not None else ''
     path = out or os.path.join(os.path.dirname(ckpt) if ckpt else out_dir, 'samples', name + suffix + '.png')
-    for p in save_grid(images, nrow, path, names if individual else ()):
+    for p in save_grid(images, nrow, path, names if individual else (), zoom):
         print(f"wrote {p}")
     print(f"{len(images)} images in {seconds:.1f}s")
 
