@@ -13,6 +13,7 @@ Tables:
 - samplers: RMS error against the exact probability-flow solution on Gaussian data.
 - prepare, sample, eval: throughput of the other scripts on the tiny emoji setup.
 """
+import runpy
 import sys
 import time
 
@@ -160,6 +161,63 @@ def bench_model(peaks):
                  'fwd % peak', 'fwd+bwd % peak'], rows)
 
 
+def tiny_model():
+    """An (untrained: speed does not depend on the weights) denoiser of config/tiny.py's shape."""
+    c = runpy.run_path('config/tiny.py')
+    torch.manual_seed(seed)
+    return Denoiser(n_channels=3, image_size=32, patch_size=c['patch_size'], embed_dim=c['embed_dim'],
+                    n_layers=c['n_layers'], mlp_multiplier=c['mlp_multiplier'], head_dim=c['head_dim'],
+                    text_emb_size=384).eval().to(device)
+
+
+def bench_sample(peaks):
+    """sample.py's three phases for 36 images at 15 steps with cfg (72 images per model call), on the
+    tiny emoji model; and the denoising loop of the small config as a share of the bf16 peak."""
+    from sample import Pipeline, make_noise
+    from model import ImageCodec, TextEncoder
+    prompts, steps, cfg = [f'prompt {i}' for i in range(36)], 15, 7.0
+    rows = []
+    for name in ('tiny', 'small'):
+        model = tiny_model() if name == 'tiny' else Denoiser(**MODEL_CONFIGS['small']).eval().to(device)
+        text_encoder = TextEncoder('minilm', device) if name == 'tiny' else None
+        pipe = Pipeline(model, text_encoder, ImageCodec('none', device), 1.0, device, dtype='auto')
+        shape = pipe.latent_shape()
+        noise = make_noise(range(36), shape)
+        if text_encoder is not None:
+            t_text = timeit(lambda: pipe.encode_text(prompts), n=3, warmup=1)
+            emb = pipe.encode_text(prompts)
+        else:
+            t_text, emb = float('nan'), torch.randn(36, 768, device=device)
+        t_denoise = timeit(lambda: pipe.denoise(emb, noise, cfg, steps), n=3, warmup=1)
+        x0 = pipe.denoise(emb, noise, cfg, steps)
+        t_decode = timeit(lambda: pipe.decode(x0), n=3, warmup=1)
+        # model calls: `steps` forwards of 72 images (the cond and uncond halves in one batch)
+        flops = count_flops(lambda: model(torch.cat([noise, noise]).to(device), torch.rand(72, device=device),
+                                          torch.cat([emb, emb]))) * steps
+        peak = peaks[torch.bfloat16 if pipe.dtype == 'bfloat16' else torch.float32]
+        rows.append([name, pipe.dtype, f"{t_text:.2f}", f"{t_denoise:.2f}", f"{t_decode:.3f}",
+                     f"{t_text + t_denoise + t_decode:.2f}" if name == 'tiny' else '-',
+                     f"{flops / t_denoise / peak:.0%}"])
+        print('  ' + ' '.join(rows[-1]), flush=True)
+    print_table('sample: 36 images, 15 steps, cfg 7 (seconds)',
+                ['model', 'dtype', 'text', 'denoise', 'decode', 'total', 'denoise % peak'], rows)
+
+
+def bench_prepare():
+    """prepare.py's throughput: the emoji set in pixel space with MiniLM, and 256 px images through a
+    small random VAE (f=8, a quarter of SD's width), both on this device."""
+    import prepare
+    rows = []
+    for label, kw in [('emoji, pixels + minilm', dict()),
+                      ('256 px folder, small VAE + minilm', dict(source='folder', n_images=32, image_size=256,
+                                                                 vae='random', batch_size=16))]:
+        r = prepare.bench_prepare(device=device, **kw)
+        rows.append([label, r['images'], f"{r['seconds']:.1f}", f"{r['images_per_s']:.1f}",
+                     f"{r['encode_images_per_s']:.1f}"])
+        print('  ' + ' '.join(map(str, rows[-1])), flush=True)
+    print_table('prepare', ['data', 'images', 'seconds', 'images/s', 'images/s (encoding loop)'], rows)
+
+
 def bench_samplers():
     data = GaussianData()
     steps = [5, 10, 15, 25, 50]
@@ -171,8 +229,12 @@ def bench_samplers():
 if __name__ == '__main__':
     torch.set_float32_matmul_precision('high')  # TF32 on GPUs, as train.py does
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    peaks = bench_peak() if wanted('peak') or wanted('model') else None
+    peaks = bench_peak() if wanted('peak') or wanted('model') or wanted('sample') else None
     if wanted('model'):
         bench_model(peaks)
     if wanted('samplers'):
         bench_samplers()
+    if wanted('sample'):
+        bench_sample(peaks)
+    if wanted('prepare'):
+        bench_prepare()
