@@ -349,18 +349,19 @@ def sample_interpolation(pipe, prompts, shape):
 
 
 def sample_outpaint(pipe, prompts, shape):
-    """n panoramas: the init image (or one generated from the prompt), extended `repeat` times."""
-    text = pipe.encode_text(prompts[:1]).expand(n, -1)  # (n, D)
+    """n panoramas per prompt: the init image (or one generated from the prompt), extended `repeat` times."""
+    text = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (P·n, D)
     kw = dict(cfg=cfg, steps=steps, sampler=sampler, uncond_emb=negative_like(pipe, text), batch_size=batch_size)
-    generators = [torch.Generator().manual_seed(seed + j) for j in range(n)]  # panorama j draws from seed + j
+    # panorama j of every prompt draws all its noise, step after step, from the generator of seed + j
+    generators = [torch.Generator().manual_seed(seed + j) for _ in prompts for j in range(n)]
     if init_image:
         H, W = shape[1] * pipe.codec.downsample, shape[2] * pipe.codec.downsample
-        start = pipe.encode_image(read_image(init_image, (H, W))).expand(n, -1, -1, -1)
+        start = pipe.encode_image(read_image(init_image, (H, W))).expand(len(text), -1, -1, -1)
     else:
         start = pipe.denoise(text, torch.stack([torch.randn(shape, generator=g) for g in generators]), **kw)
     strip = outpaint_strip(pipe, text, start, outpaint, repeat, generators, kw)
     nrow = 1 if outpaint in ('right', 'left') else n  # wide strips stack, tall ones stand side by side
-    names = [f"seed_{seed + j}" for j in range(n)]
+    names = [f"{slug(p, 40)}_seed_{seed + j}" for p in prompts for j in range(n)]
     return pipe.decode(strip, decode_batch_size), nrow, f"_outpaint_{outpaint}_x{repeat}_cfg_{cfg:g}_seed_{seed}", names
 
 
