@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import prepare
 from configurator import configure
 from diffusion import add_noise, generate, make_mask, masked_input, random_masks, training_loss, trained_size
 from model import Denoiser, denoiser_from_checkpoint, load_checkpoint
@@ -49,7 +50,7 @@ wandb_run_name = 'run'
 # data
 data_dir = 'data/prepared/emoji32'  # prepare.py's output
 batch_size = 64  # per process and micro-step
-gradient_accumulation_steps = 4  # in total over all processes: the global batch is batch_size * this
+gradient_accumulation_steps = 1  # in total over all processes: the global batch is batch_size * this
 # model (the image size, channels and text width come from the data)
 patch_size = 2
 embed_dim = 768
@@ -130,7 +131,6 @@ if master_process:
     os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
 
 # data: memory-mapped arrays from prepare.py; the global batch is a slice of a seeded permutation
-import prepare  # noqa: E402 (its import loads the encoders' code, which only the auto-prepare below uses)
 if master_process and data_dir == 'data/prepared/emoji32' and not os.path.exists(data_dir):
     print(f"{data_dir} is missing: preparing the emoji set first (a minute or two)")
     prepare.prepare(source='emoji')  # so that a fresh clone trains with one command
@@ -153,11 +153,11 @@ def next_rows():
     """The rows of the next global batch: the next slice of the epoch's permutation. Every rank
     computes the same rows; get_batch() picks this rank's micro-batches out of them."""
     global epoch, data_pos, perm
-    rows = []
-    while sum(len(r) for r in rows) < global_batch:
-        take = perm[data_pos:data_pos + global_batch - sum(len(r) for r in rows)]
+    rows, need = [], global_batch
+    while need:
+        take = perm[data_pos:data_pos + need]
         rows.append(take)
-        data_pos += len(take)
+        need, data_pos = need - len(take), data_pos + len(take)
         if data_pos == n_train:  # next epoch, next permutation
             epoch, data_pos = epoch + 1, 0
             perm = permutation(epoch)
