@@ -65,7 +65,7 @@ def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
         B = x.shape[0]
         s = torch.full((B,), float(sigma), device=x.device)
         if cfg == 1.0:
-            return model(x, s, text_emb, cond=cond)
+            return model(x, s, text_emb, cond=cond).float()  # the sampler's arithmetic stays fp32
         both = model(torch.cat([x, x]), torch.cat([s, s]), torch.cat([text_emb, uncond_emb]),
                      cond=None if cond is None else torch.cat([cond, cond]))
         x0_cond, x0_uncond = both.float().chunk(2)
