@@ -206,16 +206,17 @@ else:
         epoch, data_pos = ckpt['data_state']['epoch'], ckpt['data_state']['pos']
     else:  # fine-tune: start from the EMA weights, at this data's image size, with new inputs if asked
         model = denoiser_from_checkpoint(ckpt, ema=True).train()
-        if model.cond_channels > cond_channels:
-            sys.exit(f"error: {init_from} is an outpainting model; fine-tune it with --outpaint=True")
         if trained_size(model) != (H, W):
             model.resize_pos_emb((H, W))  # bilinear: the new grid starts where the old one was
-        if model.cond_channels < cond_channels:
+        if model.cond_channels == 0 and cond_channels > 0:
             model.widen_input(cond_channels)  # zero-initialised: step 0 computes what the old model did
         model_args.update(image_size=H if H == W else (H, W), cond_channels=cond_channels, dropout=dropout)
 if trained_size(model) != (H, W):
     sys.exit(f"error: the checkpoint's model is for {trained_size(model)} inputs but {data_dir} has {(H, W)}; "
              f"fine-tune it at the new size with --init_from=PATH instead of resuming")
+if model.cond_channels != cond_channels:
+    sys.exit(f"error: the checkpoint's model is {'an' if model.cond_channels else 'not an'} outpainting model: "
+             f"train it with --outpaint={bool(model.cond_channels)}")
 model.to(device)
 raw_model = model  # the plain module: its state_dict has no '_orig_mod.' or 'module.' prefixes
 ema = copy.deepcopy(model).requires_grad_(False).eval()  # fp32 EMA of the weights
@@ -247,7 +248,8 @@ if master_process:
           f"global batch {global_batch}, {dtype} on {device}" + (f", {ddp_world_size} processes" if ddp else ""))
 
 if compile:
-    print("compiling the model... (takes a ~minute)")
+    if master_process:
+        print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
