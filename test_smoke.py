@@ -597,10 +597,10 @@ def write_prepared(path, size=16, n=40, n_val=8, dim=8, seed=0):
     return str(path)
 
 
-def train(data_dir, out_dir, *args, check=True, ddp=0):
+def train(data_dir, out_dir, *args, check=True, ddp=0, env=None):
     launcher = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ddp}'] if ddp else []
     return run_script(*launcher, 'train.py', *TRAIN_TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', *args,
-                      check=check)
+                      check=check, env=env)
 
 
 def load_ckpt(out_dir):
@@ -729,6 +729,15 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     assert proc.returncode == 0, err
     assert 'interrupted; continue with' in out
     assert load_ckpt(tmp_path / 'o')['iter_num'] >= 3
+
+
+def test_wandb_logs_offline(tmp_path):
+    pytest.importorskip('wandb')  # optional: not in requirements.txt
+    data = write_prepared(tmp_path / 'data')
+    train(data, tmp_path / 'o', '--max_iters=2', '--wandb_log=True',
+          env={'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_SILENT': 'true'})
+    runs = [d for d in os.listdir(tmp_path / 'wandb') if d.startswith('offline-run-')]
+    assert len(runs) == 1 and os.listdir(tmp_path / 'wandb' / runs[0] / 'files')
 
 
 def test_finetune_widens_the_input_exactly_and_resizes_the_positional_table(tmp_path, tiny_run):
