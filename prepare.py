@@ -755,7 +755,7 @@ def prepare(**overrides):
     examples = [json.loads(line) for line in itertools.islice(open(skip_log, encoding='utf-8'), 100)]
     meta = dict(
         source=c.source, input=settings['input'], text_encoder=text.name, text_dim=text.dim, vae=codec.name,
-        scale_factor=codec.scale_factor, shift_factor=codec.shift_factor, latent_shape=list(latent_shape),
+        scale_factor=codec.scale_factor, latent_shape=list(latent_shape),
         image_size=c.image_size, n=state['train']['n'], n_val=state['val']['n'], latent_dtype=c.latent_dtype,
         text_dtype='float16', quantization=state['quantization'], items=state['items_done'],
         skipped=dict(total=sum(counts.values()), by_reason=dict(counts), first=examples, all='skipped.jsonl'),
