@@ -218,6 +218,18 @@ def bench_prepare():
     print_table('prepare', ['data', 'images', 'seconds', 'images/s', 'images/s (encoding loop)'], rows)
 
 
+def bench_eval():
+    """eval.py's scoring (features, nearest emoji, diversity) of 256 images against the 1,886 distinct
+    emoji; the sampling it also does is sample.py's speed, above."""
+    import eval as evaluate
+    g = torch.Generator().manual_seed(seed)
+    ref = evaluate.Reference(torch.rand(1886, 3, 32, 32, generator=g))
+    images, targets = torch.rand(256, 3, 32, 32, generator=g), torch.randint(ref.K, (256,), generator=g)
+    t = timeit(lambda: evaluate.measure(images, targets, 2, ref), n=5, warmup=1)
+    print_table('eval: scoring', ['images', 'reference', 'seconds', 'images/s'],
+                [[256, ref.K, f"{t:.3f}", f"{256 / t:.0f}"]])
+
+
 def bench_samplers():
     data = GaussianData()
     steps = [5, 10, 15, 25, 50]
@@ -236,5 +248,7 @@ if __name__ == '__main__':
         bench_samplers()
     if wanted('sample'):
         bench_sample(peaks)
+    if wanted('eval'):
+        bench_eval()
     if wanted('prepare'):
         bench_prepare()
