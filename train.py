@@ -262,6 +262,8 @@ val_idx = np.linspace(0, n_val - 1, min(eval_samples, n_val)).round().astype(int
 sample_idx = np.linspace(0, n_val - 1, min(n_sample, n_val)).round().astype(int)
 if sample_prompts and not outpaint and master_process:
     from model import TextEncoder
+    if not all(isinstance(p, str) for p in sample_prompts):
+        sys.exit(f"error: sample_prompts must be strings, got {sample_prompts!r}")
     sample_prompts = list(sample_prompts)
     sample_text = TextEncoder(meta['text_encoder'], device)(sample_prompts)  # (n, D_text)
 else:  # the val captions, and for an outpainting model the left halves of their images
