@@ -94,8 +94,8 @@ def configure(namespace, argv, exit_on_error=True):
                 if type(default) is not bool:
                     raise ConfigError(f"config key '{key}' needs a value")
                 value = True
-            elif len(values) == 1 and type(default) not in (tuple, list):
-                value = values[0]
+            elif len(values) == 1 and (type(default) not in (tuple, list) or type(values[0]) in (tuple, list)):
+                value = values[0]  # --size 64, or --eval_sigmas="(0.1, 0.5)" given as one literal
             else:
                 value = values
             if type(default) is str and isinstance(value, list):
