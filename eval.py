@@ -350,9 +350,9 @@ def main():
     if fid_ref and not os.path.isdir(fid_ref):
         fail(f"--fid_ref '{fid_ref}' is not a folder of images")
 
-    from model import ImageCodec, denoiser_from_checkpoint, load_checkpoint
+    from model import PTDTYPES, ImageCodec, denoiser_from_checkpoint, load_checkpoint
     from prepare import load_prepared
-    from sample import PTDTYPES, Pipeline, make_noise, save_grid
+    from sample import Pipeline, make_noise, save_grid
     if dtype not in PTDTYPES and dtype != 'auto':
         fail(f"--dtype must be 'auto' or one of {sorted(PTDTYPES)}, got '{dtype}'")
     source = ckpt or out_dir

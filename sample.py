@@ -34,7 +34,7 @@ from PIL import Image
 
 from configurator import configure
 from diffusion import SAMPLERS, generate, lerp, make_mask, slerp, trained_size
-from model import ImageCodec, TextEncoder, denoiser_from_checkpoint, load_checkpoint
+from model import PTDTYPES, ImageCodec, TextEncoder, denoiser_from_checkpoint, load_checkpoint, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # what to sample from
@@ -72,19 +72,6 @@ decode_batch_size = 16  # images per VAE decode
 # -----------------------------------------------------------------------------
 
 OUTPAINT_DIRECTIONS = ('right', 'left', 'up', 'down')
-PTDTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-
-def resolve_dtype(dtype, device):
-    """'auto' -> the fastest dtype for the device: bf16 on GPUs that have it (Ampere on) and on CPUs with
-    native bf16 matmuls (AVX512-bf16: ~2x fp32 on the dev machines), where elsewhere it is emulated and slow."""
-    if dtype != 'auto':
-        return dtype
-    if torch.device(device).type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    if torch.device(device).type == 'cpu' and getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)():
-        return 'bfloat16'
-    return 'float32'
 
 
 # ----- the pipeline: text -> embeddings -> denoised latents -> images -----

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 from configurator import configure
 from diffusion import add_noise, generate, make_mask, masked_input, random_masks, training_loss, trained_size
-from model import Denoiser, denoiser_from_checkpoint, load_checkpoint
+from model import PTDTYPES, Denoiser, denoiser_from_checkpoint, load_checkpoint, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # default config values, for the ~101M model on one GPU; config/*.py and --key=value override them
@@ -115,14 +115,10 @@ torch.manual_seed(seed + ddp_rank)  # noise levels, noise, CFG dropout and masks
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-if dtype == 'auto':  # bf16 where the hardware has it; fp16 + GradScaler on older GPUs, fp32 on older CPUs
-    if device_type == 'cuda':
-        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    else:
-        dtype = 'bfloat16' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'float32'
-if dtype not in ('float32', 'bfloat16', 'float16'):
+dtype = resolve_dtype(dtype, device)  # auto: bf16 where the hardware has it, fp16 + GradScaler on older GPUs
+if dtype not in PTDTYPES:
     sys.exit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ptdtype = PTDTYPES[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from != 'resume' and os.path.exists(ckpt_path):  # never overwrite a run by accident
