@@ -8,12 +8,14 @@ Every model here is tiny and built by the tests themselves; nothing is downloade
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -262,7 +264,6 @@ import csv as csv_module  # noqa: E402
 import http.server  # noqa: E402
 import threading  # noqa: E402
 
-from PIL import Image  # noqa: E402
 
 import prepare as prep  # noqa: E402
 from model import ImageCodec, TextEncoder  # noqa: E402
@@ -564,10 +565,8 @@ def test_shrink_npy_keeps_a_valid_file(tmp_path):
 
 
 # ===== train.py =====
-import re  # noqa: E402
 import signal  # noqa: E402
 
-from PIL import Image  # noqa: E402
 
 TRAIN_TINY = ['--embed_dim=32', '--n_layers=2', '--head_dim=16', '--mlp_multiplier=2', '--patch_size=2',
               '--batch_size=8', '--gradient_accumulation_steps=1', '--dtype=float32', '--learning_rate=3e-3',
@@ -771,7 +770,6 @@ def test_finetune_widens_the_input_exactly_and_resizes_the_positional_table(tmp_
 
 
 # ===== sample.py =====
-from PIL import Image  # noqa: E402
 
 
 def _save_tiny_checkpoint(path, cond_channels=0):
