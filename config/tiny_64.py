@@ -2,14 +2,14 @@
 # table is resized bilinearly from 8×8 to 16×16 patches, and a few hundred steps teach the model the finer grid.
 #   python prepare.py --source=emoji --image_size=64 --font=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 #   python train.py config/tiny_64.py
-#   python train.py config/tiny_64.py --init_from=scratch --out_dir=out-tiny-64-scratch   # the baseline
+#   python train.py config/tiny_64.py --init_from=scratch --out_dir=out-tiny-64-scratch --learning_rate=1.5e-3 --warmup_iters=100  # the baseline
 out_dir = 'out-tiny-64'
 data_dir = 'data/prepared/emoji64'
 init_from = 'out-tiny'  # the architecture comes from the checkpoint; the lines below match it for --init_from=scratch
 patch_size = 4
-embed_dim = 256
+embed_dim = 128
 n_layers = 4
-head_dim = 64
+head_dim = 32
 eval_interval = 100
 ckpt_interval = 100
 log_interval = 25
