@@ -3,27 +3,15 @@
 #   python prepare.py --source=emoji --image_size=64 --font=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 #   python train.py config/tiny_64.py
 #   python train.py config/tiny_64.py --init_from=scratch --out_dir=out-tiny-64-scratch --learning_rate=1.5e-3 --warmup_iters=100  # the baseline
+exec(open('config/tiny.py').read())  # the tiny run's settings (its architecture, for --init_from=scratch); then what differs
 out_dir = 'out-tiny-64'
 data_dir = 'data/prepared/emoji64'
-init_from = 'out-tiny'  # the architecture comes from the checkpoint; the lines below match it for --init_from=scratch
-patch_size = 4
-embed_dim = 128
-n_layers = 4
-head_dim = 32
+init_from = 'out-tiny'  # the architecture comes from the checkpoint
 eval_interval = 100
 ckpt_interval = 100
 log_interval = 25
 batch_size = 32  # 16×16 = 256 tokens an image: 4× the 32 px cost
-gradient_accumulation_steps = 1
 learning_rate = 5e-4  # lower than from scratch: the weights are already good
 warmup_iters = 20
 max_iters = 300
 min_lr = 5e-5
-ema_decay = 0.999
-beta_b = 1.0  # as in config/tiny.py
-eval_samples = 256
-sample_prompts = ('a grinning face', 'a smiling face with sunglasses', 'a red heart', 'a blue heart',
-                  'a red apple', 'a banana', 'a dog face', 'a cat face', 'fire', 'a star', 'the flag of Japan',
-                  'a ghost', 'a rocket', 'a snowman', 'a four leaf clover', 'a pile of poo')
-sample_cfg = 4.0
-sample_steps = 20
