@@ -54,17 +54,20 @@ def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, co
 
 # ----- guidance -----
 
-def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
+def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None, cfg_min_sigma=0.0):
     """D(x, σ) for the samplers: classifier-free guidance, x0 = g·x0_cond + (1-g)·x0_uncond.
     Both halves go through one batched forward. uncond_emb defaults to zeros (what training
-    dropped to); a negative prompt's embedding can take its place. cfg=1 skips the second half."""
+    dropped to); a negative prompt's embedding can take its place. cfg=1 skips the second half.
+    Guidance is applied only at σ > cfg_min_sigma, a limited guidance interval (Kynkäänniemi et al.
+    2024): at low noise the shape is settled, and cond - uncond holds little but the model's small
+    errors, which g amplifies into visible artefacts. Below it, the conditional half alone runs."""
     if uncond_emb is None:
         uncond_emb = torch.zeros_like(text_emb)
 
     def denoise(x, sigma):
         B = x.shape[0]
         s = torch.full((B,), float(sigma), device=x.device)
-        if cfg == 1.0:
+        if cfg == 1.0 or sigma <= cfg_min_sigma:
             return model(x, s, text_emb, cond=cond).float()  # the sampler's arithmetic stays fp32
         both = model(torch.cat([x, x]), torch.cat([s, s]), torch.cat([text_emb, uncond_emb]),
                      cond=None if cond is None else torch.cat([cond, cond]))
@@ -125,8 +128,9 @@ SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m}
 
 @torch.no_grad()
 def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, noise=None,
-             generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=1.5):
-    """Sample x0 for each text embedding (B, D_text), starting from x = σ_max·ε.
+             generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=1.5, cfg_min_sigma=0.0):
+    """Sample x0 for each text embedding (B, D_text), starting from x = σ_max·ε, with guidance scale
+    cfg at σ > cfg_min_sigma (see guided_denoiser).
     shape (C, H, W) defaults to the model's trained input; pass noise to fix it, or a
     torch.Generator to make it reproducible.
     Inpainting/outpainting (a model with cond_channels = C+1): known (B, C, H, W) is the clean image,
@@ -140,9 +144,10 @@ def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, 
             shape = (model.n_channels, *trained_size(model))
         noise = torch.randn((B, *shape), generator=generator, device=text_emb.device)
     if known is None:
-        denoise = guided_denoiser(model, text_emb, cfg, uncond_emb)
+        denoise = guided_denoiser(model, text_emb, cfg, uncond_emb, cfg_min_sigma=cfg_min_sigma)
     else:
-        inner = guided_denoiser(model, text_emb, cfg, uncond_emb, cond=masked_input(known, mask))
+        inner = guided_denoiser(model, text_emb, cfg, uncond_emb, cond=masked_input(known, mask),
+                                cfg_min_sigma=cfg_min_sigma)
         denoise = lambda x, sigma: mask * inner(x, sigma) + (1 - mask) * known  # noqa: E731
     sigmas = sigma_schedule(steps, sigma_max, rho)
     return SAMPLERS[sampler](denoise, sigma_max * noise.float(), sigmas)

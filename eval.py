@@ -1,7 +1,7 @@
 """
 Measure a checkpoint's images with numbers, so that two checkpoints, samplers or cfg values are
 compared by more than eye. For each validation prompt it samples n images with the EMA model and
-reports, for every setting (sampler × cfg × steps):
+reports, for every setting (sampler × cfg × cfg_min_sigma × steps):
 
     top1, top5  prompt fidelity (pixel-space data like the emoji set): how often the nearest real image
                 to a generated one is the image of the held-out caption it was made from
@@ -10,9 +10,10 @@ reports, for every setting (sampler × cfg × steps):
     fid         Fréchet Inception distance to reference images (needs --inception, a local weights file)
     clip        CLIP score: the cosine of CLIP's image and prompt embeddings (needs a CLIP)
 
-    python eval.py --out_dir=out-tiny                                     # cfg 7, 15 dpmpp2m steps
+    python eval.py --out_dir=out-tiny                                     # cfg 7 at σ > 0.2, 15 dpmpp2m steps
     python eval.py --out_dir=out-tiny --cfg 1,3,5,7 --steps 5,10,15,25    # every combination
     python eval.py --out_dir=out-tiny --sampler ddim,dpmpp2m --steps 5,10,15 --out=out-tiny/eval_samplers.json
+    python eval.py --out_dir=out-tiny --cfg_min_sigma 0,0.2,0.4 --out=out-tiny/eval_interval.json  # guidance interval
     python eval.py --out_dir=out-tiny --inception=weights-inception-2015-12-05-6726825d.pth  # + FID
     python eval.py --out_dir=out-clip --clip=openai/clip-vit-large-patch14                 # + CLIP score
 
@@ -30,6 +31,7 @@ two different real images) and 'real images' (the val images themselves: top1 = 
 and one image per caption, so diversity 0). FID for few images is biased upwards: compare FIDs
 computed with the same numbers of images only.
 """
+import itertools
 import json
 import math
 import os
@@ -48,8 +50,9 @@ from configurator import configure
 out_dir = 'out'  # the training run: out_dir/ckpt.pt
 ckpt = ''  # or a checkpoint file, which wins over out_dir
 data_dir = ''  # prepared data whose val captions are the prompts; default: the checkpoint's own
-# the settings: every combination of these three lists is one row of the table
+# the settings: every combination of these four lists is one row of the table
 cfg = (7.0,)  # --cfg 1,3,5,7 or --cfg=7
+cfg_min_sigma = (0.2,)  # --cfg_min_sigma 0,0.2: guidance only at σ > this (as sample.py); 0 = at every step
 steps = (15,)  # --steps 5,10,15,25
 sampler = 'dpmpp2m'  # --sampler ddim,dpmpp2m
 n_prompts = 64  # val captions to prompt with: a seeded random subset; 0 = all of them
@@ -321,14 +324,14 @@ def fmt(v, pct=False, rank=False):
 
 def table(rows, baselines):
     """The results as a markdown table, baselines last."""
-    head = "| sampler | cfg | steps | top1 | top5 | rank | diversity | FID | CLIP | img/s |"
-    lines = [head, "|" + "---|" * 10]
+    head = "| sampler | cfg | at σ > | steps | top1 | top5 | rank | diversity | FID | CLIP | img/s |"
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
-        lines.append(f"| {r['sampler']} | {r['cfg']:g} | {r['steps']} | {fmt(r['top1'], True)} | "
+        lines.append(f"| {r['sampler']} | {r['cfg']:g} | {r['cfg_min_sigma']:g} | {r['steps']} | {fmt(r['top1'], True)} | "
                      f"{fmt(r['top5'], True)} | {fmt(r['rank'], rank=True)} | {fmt(r['diversity'])} | "
                      f"{fmt(r['fid'])} | {fmt(r['clip'])} | {r['images_per_s']:.1f} |")
     for name, b in baselines.items():
-        lines.append(f"| {name} | | | {fmt(b['top1'], True)} | {fmt(b['top5'], True)} | "
+        lines.append(f"| {name} | | | | {fmt(b['top1'], True)} | {fmt(b['top5'], True)} | "
                      f"{fmt(b['rank'], rank=True)} | {fmt(b['diversity'])} | {fmt(b['fid'])} | {fmt(b['clip'])} | |")
     return "\n".join(lines)
 
@@ -338,6 +341,9 @@ def table(rows, baselines):
 def main():
     from diffusion import SAMPLERS
     cfgs = as_list(cfg, float, 'cfg')
+    min_sigmas = as_list(cfg_min_sigma, float, 'cfg_min_sigma')
+    if any(not 0 <= m < 1 for m in min_sigmas):
+        fail(f"--cfg_min_sigma must all be in [0, 1), got {min_sigmas}")
     steps_list = as_list(steps, int, 'steps')
     samplers = as_list(sampler, str, 'sampler')
     for s in samplers:
@@ -389,7 +395,7 @@ def main():
     text_emb = torch.from_numpy(np.asarray(data.val_text_emb[rows_idx], dtype=np.float32))  # (P, D)
     prompts = [c for c in captions for _ in range(n)]  # prompt-major, like the images
     print(f"{source}: iter {checkpoint.get('iter_num')}, {P} val prompts of {data_path} × {n} images, "
-          f"{len(cfgs) * len(steps_list) * len(samplers)} settings, {device} {pipe.dtype}")
+          f"{len(cfgs) * len(min_sigmas) * len(steps_list) * len(samplers)} settings, {device} {pipe.dtype}")
 
     # the emoji metrics' reference: the distinct images of the pixel-space data, train and val
     ref, targets, real_val, skipped = None, None, None, {}
@@ -440,23 +446,22 @@ def main():
     emb = text_emb.repeat_interleave(n, dim=0).to(device)  # (P·n, D)
     pipe.denoise(emb[:2], noise[:2], cfg=3.0, steps=1)  # warm up, so the first row's img/s is not the slowest
     results, t_metrics, n_measured = [], 0.0, 0
-    for s in samplers:
-        for g in cfgs:
-            for k in steps_list:
-                t0 = time.time()
-                images = pipe.decode(pipe.denoise(emb, noise, cfg=g, steps=k, sampler=s, batch_size=batch_size))
-                t1 = time.time()
-                row = measure(images, targets, n, ref, fid, clip_score, prompts)
-                t_metrics, n_measured = t_metrics + time.time() - t1, n_measured + len(images)
-                row = dict(sampler=s, cfg=g, steps=k, **row, images_per_s=len(images) / (t1 - t0))
-                results.append(row)
-                print(f"{s} cfg {g:g} steps {k}: " + ", ".join(
-                    f"{m} {fmt(row[m], pct=m.startswith('top'), rank=m == 'rank')}"
-                    for m in ('top1', 'top5', 'rank', 'diversity', 'fid', 'clip') if row[m] is not None)
-                    + f" ({row['images_per_s']:.1f} img/s)")
-                if grids:  # the first 8 prompts, one row each
-                    grid = os.path.join(os.path.dirname(json_path) or '.', 'eval', f"{s}_cfg{g:g}_steps{k}.png")
-                    save_grid(images[:min(P, 8) * n], n, grid)
+    for s, g, lo, k in itertools.product(samplers, cfgs, min_sigmas, steps_list):
+        t0 = time.time()
+        x0 = pipe.denoise(emb, noise, cfg=g, steps=k, sampler=s, batch_size=batch_size, cfg_min_sigma=lo)
+        images = pipe.decode(x0)
+        t1 = time.time()
+        row = measure(images, targets, n, ref, fid, clip_score, prompts)
+        t_metrics, n_measured = t_metrics + time.time() - t1, n_measured + len(images)
+        row = dict(sampler=s, cfg=g, cfg_min_sigma=lo, steps=k, **row, images_per_s=len(images) / (t1 - t0))
+        results.append(row)
+        print(f"{s} cfg {g:g} at σ > {lo:g}, steps {k}: " + ", ".join(
+            f"{m} {fmt(row[m], pct=m.startswith('top'), rank=m == 'rank')}"
+            for m in ('top1', 'top5', 'rank', 'diversity', 'fid', 'clip') if row[m] is not None)
+            + f" ({row['images_per_s']:.1f} img/s)")
+        if grids:  # the first 8 prompts, one row each
+            grid = os.path.join(os.path.dirname(json_path) or '.', 'eval', f"{s}_cfg{g:g}_min{lo:g}_steps{k}.png")
+            save_grid(images[:min(P, 8) * n], n, grid)
 
     report = dict(checkpoint=source, iter_num=checkpoint.get('iter_num'), data_dir=data_path,
                   n_prompts=P, n_per_prompt=n, seed=seed, device=device, dtype=pipe.dtype,

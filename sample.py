@@ -4,6 +4,7 @@ Sample images from a trained nanoTLD model.
     python sample.py --out_dir=out-tiny --prompt "a cute owl" --cfg 7
     python sample.py --out_dir=out-tiny --prompt_file=prompts.txt --n=8 --seed=11 --individual
     python sample.py --ckpt=out-tiny/ckpt.pt --prompt "a cat" --negative "a red cat" --sampler=ddim --steps=30
+    python sample.py --out_dir=out-tiny --prompt "a cat" --cfg_min_sigma=0        # guide every step, not only σ > 0.2
     python sample.py --out_dir=out-tiny --interp "a cat" "a dog" --frames 8      # walk in text space
     python sample.py --out_dir=out-tiny --prompt "a cat" --interp_seeds 1 2       # walk between two noises
     python sample.py --out_dir=out-tiny --prompt "a cat" --size 64                # a grid never trained on
@@ -46,6 +47,7 @@ prompt_file = ''  # many prompts, one per line: one grid row each
 negative = ''  # a prompt to steer away from: replaces the zero "unconditional" embedding
 n = 4  # images per prompt
 cfg = 7.0  # classifier-free guidance scale; 1 = no guidance (and half the compute)
+cfg_min_sigma = 0.2  # guide only at σ > this (a limited guidance interval); 0 = guide at every step
 seed = 0  # image j of every prompt starts from the noise of seed + j
 steps = 15
 sampler = 'dpmpp2m'  # 'dpmpp2m' or 'ddim'
@@ -111,10 +113,11 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, text_emb, noise, cfg=7.0, steps=15, sampler='dpmpp2m', uncond_emb=None,
-                known=None, mask=None, batch_size=64):
+                known=None, mask=None, batch_size=64, cfg_min_sigma=0.0):
         """Sample x0 (B, C, h, w) in model space from noise (B, C, h, w), for text_emb (B, D_text).
         uncond_emb (B, D_text) replaces the zero embedding (a negative prompt). known/mask: outpainting,
-        mask 1 = generate. An outpainting model asked for a plain image gets an all-generate mask."""
+        mask 1 = generate. An outpainting model asked for a plain image gets an all-generate mask.
+        Guidance applies at σ > cfg_min_sigma (diffusion.guided_denoiser)."""
         B = text_emb.shape[0]
         if self.model.cond_channels and known is None:
             known, mask = torch.zeros_like(noise), torch.ones_like(noise[:, :1])
@@ -123,7 +126,8 @@ class Pipeline:
             part = lambda t: None if t is None else t[i:i + batch_size].to(self.device)  # noqa: E731
             with self.ctx:
                 x0 = generate(self.model, part(text_emb), cfg=cfg, steps=steps, sampler=sampler,
-                              noise=part(noise), uncond_emb=part(uncond_emb), known=part(known), mask=part(mask))
+                              noise=part(noise), uncond_emb=part(uncond_emb), known=part(known), mask=part(mask),
+                              cfg_min_sigma=cfg_min_sigma)
             out.append(x0.float())
         return torch.cat(out)
 
@@ -166,13 +170,14 @@ def make_noise(seeds, shape):
 
 
 def generate_images(pipe, prompts, n=1, cfg=7.0, steps=15, sampler='dpmpp2m', seed=0, negative='',
-                    size=None, batch_size=64, decode_batch_size=16):
+                    size=None, batch_size=64, decode_batch_size=16, cfg_min_sigma=0.0):
     """n images for each prompt -> (len(prompts)·n, 3, H, W) in [0, 1], prompt-major; image j of every
     prompt starts from the noise of seed + j."""
     emb = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (P·n, D)
     uncond = pipe.encode_text([negative]).expand_as(emb) if negative else None
     noise = make_noise([seed + j for j in range(n)], pipe.latent_shape(size)).repeat(len(prompts), 1, 1, 1)
-    x0 = pipe.denoise(emb, noise, cfg, steps, sampler, uncond_emb=uncond, batch_size=batch_size)
+    x0 = pipe.denoise(emb, noise, cfg, steps, sampler, uncond_emb=uncond, batch_size=batch_size,
+                      cfg_min_sigma=cfg_min_sigma)
     return pipe.decode(x0, decode_batch_size)
 
 
@@ -268,6 +273,9 @@ def check_args():
         fail(f"--sampler must be one of {sorted(SAMPLERS)}, got '{sampler}'")
     if n < 1:
         fail(f"--n must be >= 1, got {n}")
+    if not (isinstance(cfg_min_sigma, (int, float)) and 0 <= cfg_min_sigma < 1):
+        fail(f"--cfg_min_sigma must be a number in [0, 1), the noise level below which guidance is off, "
+             f"got {cfg_min_sigma!r}")
     if zoom < 1:
         fail(f"--zoom must be >= 1, got {zoom}")
     if dtype not in ('auto', *PTDTYPES):
@@ -320,7 +328,7 @@ def negative_like(pipe, text_emb):
 def sample_prompts(pipe, prompts, shape):
     """n images per prompt: one row per prompt; a single prompt's images fill a square-ish grid."""
     images = generate_images(pipe, prompts, n, cfg, steps, sampler, seed, negative, size,
-                             batch_size, decode_batch_size)
+                             batch_size, decode_batch_size, cfg_min_sigma)
     names = [f"{slug(p, 40)}_cfg_{cfg:g}_seed_{seed + j}" for p in prompts for j in range(n)]
     return images, (n if len(prompts) > 1 else math.ceil(math.sqrt(n))), f"_cfg_{cfg:g}_seed_{seed}", names
 
@@ -328,7 +336,8 @@ def sample_prompts(pipe, prompts, shape):
 def sample_interpolation(pipe, prompts, shape):
     """n rows of `frames` images: text walks prompt A -> B, and/or noise walks seed a -> b."""
     text, noise = interpolation_noise_and_text(pipe, shape, n, frames, seed, prompts, interp_seeds)
-    x0 = pipe.denoise(text, noise, cfg, steps, sampler, negative_like(pipe, text), batch_size=batch_size)
+    x0 = pipe.denoise(text, noise, cfg, steps, sampler, negative_like(pipe, text), batch_size=batch_size,
+                      cfg_min_sigma=cfg_min_sigma)
     suffix = (f"_seeds_{interp_seeds[0]}_to_{interp_seeds[1]}_cfg_{cfg:g}" if interp_seeds
               else f"_cfg_{cfg:g}_seed_{seed}")
     names = [f"row{j}_frame{i}" for j in range(n) for i in range(frames)]
@@ -338,7 +347,8 @@ def sample_interpolation(pipe, prompts, shape):
 def sample_outpaint(pipe, prompts, shape):
     """n panoramas per prompt: the init image (or one generated from the prompt), extended `repeat` times."""
     text = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (P·n, D)
-    kw = dict(cfg=cfg, steps=steps, sampler=sampler, uncond_emb=negative_like(pipe, text), batch_size=batch_size)
+    kw = dict(cfg=cfg, steps=steps, sampler=sampler, uncond_emb=negative_like(pipe, text), batch_size=batch_size,
+              cfg_min_sigma=cfg_min_sigma)
     # panorama j of every prompt draws all its noise, step after step, from the generator of seed + j
     generators = [torch.Generator().manual_seed(seed + j) for _ in prompts for j in range(n)]
     if init_image:
@@ -361,7 +371,7 @@ def sample_inpaint(pipe, prompts, shape):
     text = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (B, D)
     noise = make_noise([seed + j for j in range(n)], shape).repeat(len(prompts), 1, 1, 1)
     x0 = pipe.denoise(text, noise, cfg, steps, sampler, negative_like(pipe, text), batch_size=batch_size,
-                      known=pipe.encode_image(image).expand(B, -1, -1, -1), mask=m.expand(B, -1, -1, -1))
+                      cfg_min_sigma=cfg_min_sigma, known=pipe.encode_image(image).expand(B, -1, -1, -1), mask=m.expand(B, -1, -1, -1))
     fills = pipe.decode(x0, decode_batch_size).view(len(prompts), n, 3, H, W)
     m_px = F.interpolate(m, size=(H, W), mode='nearest')
     before = ((image + 1) / 2 * (1 - m_px) + 0.5 * m_px).expand(len(prompts), 1, 3, H, W)
@@ -388,7 +398,7 @@ def main():
     info = pipe.ckpt_info
     print(f"{source}: {info['params'] / 1e6:.2f}M parameters, iter {info['iter_num']}, text encoder "
           f"'{info['text_encoder']}', vae '{info['vae']}'; {H}x{W} px, {steps} {sampler} steps, "
-          f"cfg {cfg:g}, {device} {pipe.dtype}")
+          f"cfg {cfg:g} at σ > {cfg_min_sigma:g}, {device} {pipe.dtype}")
 
     t0 = time.time()
     mode = (sample_interpolation if interp or interp_seeds else sample_outpaint if outpaint

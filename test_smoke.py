@@ -152,6 +152,38 @@ def test_guidance_endpoints_and_batching():
     torch.testing.assert_close(guided_denoiser(model, text, cfg=0.0, uncond_emb=neg)(x, 0.4), negative, **close)
 
 
+
+def test_guidance_interval_matches_a_hand_written_sampler():
+    """cfg_min_sigma: guided steps above it, conditional-only steps (one half-size forward) at or below."""
+    model = tiny_denoiser().eval()
+    text, noise = torch.randn(2, 8), torch.randn(2, 3, 16, 16)
+    batch_sizes = []
+    model.register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].shape[0]))
+    denoise = guided_denoiser(model, text, cfg=5.0, cfg_min_sigma=0.3)
+    x, s = torch.randn(2, 3, 16, 16), torch.full((2,), 0.3)
+    torch.testing.assert_close(denoise(x, 0.3), model(x, s, text))  # at the boundary: conditional only
+    assert batch_sizes[-2:] == [2, 2]
+    s = torch.full((2,), 0.31)
+    cond, uncond = model(x, s, text), model(x, s, torch.zeros_like(text))
+    torch.testing.assert_close(denoise(x, 0.31), 5 * cond - 4 * uncond, rtol=1e-4, atol=1e-4)
+    assert batch_sizes[-1] == 4  # above it: both halves in one forward
+
+    def reference(x, sigma):  # the same rule, written out with separate forwards
+        s = torch.full((2,), sigma)
+        c = model(x, s, text)
+        return 5 * c - 4 * model(x, s, torch.zeros_like(text)) if sigma > 0.3 else c
+    sigmas = sigma_schedule(8)
+    for sampler in (sample_ddim, sample_dpmpp_2m):
+        want = sampler(reference, noise.clone(), sigmas)
+        got = generate(model, text, cfg=5.0, steps=8, sampler='ddim' if sampler is sample_ddim else 'dpmpp2m',
+                       noise=noise, cfg_min_sigma=0.3)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        everywhere = generate(model, text, cfg=5.0, steps=8, sampler='ddim' if sampler is sample_ddim else 'dpmpp2m',
+                              noise=noise)
+        assert (got - everywhere).abs().max() > 1e-3  # the interval changes the image
+    batch_sizes.clear()
+    generate(model, text, cfg=5.0, steps=8, noise=noise, cfg_min_sigma=0.3)
+    assert batch_sizes == [4 if s > 0.3 else 2 for s in sigmas[:-1]]  # 5 of 8 steps guided
 def test_samplers_converge_to_exact_ode_solution_at_their_order():
     data = GaussianData()
     dpm = {n: data.error(sample_dpmpp_2m, n) for n in (15, 30, 60, 120)}
@@ -912,6 +944,7 @@ def test_outpaint_keeps_the_known_region(sample_run):
     (['--out_dir', '/nonexistent/run'], "error: no checkpoint at '/nonexistent/run'"),
     (['--cfg', 'high'], "error: config key 'cfg' expects float"),
     (['--steps', '0'], "error: --steps must be >= 1, got 0"),
+    (['--cfg_min_sigma', '1'], "error: --cfg_min_sigma must be a number in [0, 1)"),
     (['--prompt', ''], "error: --prompt is empty"),
     (['--size', '15'], "error: --size 15 is not a positive multiple of 2"),
     (['--outpaint', 'right'], "is not an outpainting model"),
@@ -1086,18 +1119,22 @@ def eval_run(tmp_path_factory):
 def test_eval_cli_sweep_writes_json(eval_run):
     run = eval_run / 'run'
     proc = run_script('eval.py', f'--out_dir={run}', '--sampler', 'ddim,dpmpp2m', '--steps', '1,4', '--cfg=3',
-                      '--n_prompts=6', '--n_per_prompt=3')
+                      '--cfg_min_sigma', '0,0.5', '--n_prompts=6', '--n_per_prompt=3')
     assert "CLIP score skipped: the checkpoint's text encoder is 'toy'" in proc.stdout
     assert 'FID skipped: no Inception weights: pass --inception=PATH' in proc.stdout
-    assert '| sampler | cfg | steps | top1 |' in proc.stdout
+    assert '| sampler | cfg | at σ > | steps | top1 |' in proc.stdout
     report = json.load(open(run / 'eval.json'))
     assert (report['n_prompts'], report['n_per_prompt'], report['iter_num']) == (6, 3, 7)
     assert report['skipped']['fid'].startswith('no Inception weights')
-    rows = {(r['sampler'], r['steps']): r for r in report['rows']}
-    assert sorted(rows) == [('ddim', 1), ('ddim', 4), ('dpmpp2m', 1), ('dpmpp2m', 4)]
+    rows = {(r['sampler'], r['steps'], r['cfg_min_sigma']): r for r in report['rows']}
+    assert sorted(rows) == [(s, k, lo) for s in ('ddim', 'dpmpp2m') for k in (1, 4) for lo in (0.0, 0.5)]
     for r in rows.values():
         assert r['cfg'] == 3.0 and 0 <= r['top1'] <= r['top5'] <= 1 and 0 < r['diversity'] <= 2
         assert r['fid'] is None and r['clip'] is None
+    # the guidance interval: one step (at σ = 1) is guided either way; of 4 steps the last 2 are not
+    assert rows['dpmpp2m', 1, 0.0]['diversity'] == rows['dpmpp2m', 1, 0.5]['diversity']
+    assert rows['dpmpp2m', 4, 0.0]['diversity'] != rows['dpmpp2m', 4, 0.5]['diversity']
+    rows = {(s, k): r for (s, k, lo), r in rows.items() if lo == 0.0}
     # one step from pure noise is D(noise) for both samplers, and every setting starts from the same
     # noise: the two one-step rows are the same images, so the same numbers. Up to 3 steps the samplers
     # agree (step 2 extrapolates from a step out of σ = 1, which has r = ∞; the last lands on D); 4 differ
@@ -1108,7 +1145,7 @@ def test_eval_cli_sweep_writes_json(eval_run):
     assert (random['top1'], random['top5']) == (pytest.approx(1 / 19), pytest.approx(5 / 19))  # 20 emojis, 19 drawings
     assert (real['top1'], real['top5'], real['rank'], real['diversity']) == (1.0, 1.0, 1, 0.0)
     assert random['rank'] == 10 and all(1 <= r['rank'] <= 19 for r in rows.values())
-    assert os.path.isfile(run / 'eval' / 'dpmpp2m_cfg3_steps4.png')
+    assert os.path.isfile(run / 'eval' / 'dpmpp2m_cfg3_min0_steps4.png')
     # --cfg 1,3 and --n_prompts=0 (all 20), written elsewhere
     out = eval_run / 'cfg_sweep.json'
     run_script('eval.py', f'--ckpt={run / "ckpt.pt"}', '--cfg', '1,3', '--steps=2', '--n_prompts=0',

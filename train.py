@@ -83,6 +83,7 @@ eval_sigmas = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels, so val losses com
 n_sample = 16  # val captions in the sample grid
 sample_prompts = ()  # or your own prompts for the grid (text-to-image only), encoded once at the start
 sample_cfg = 5.0
+sample_cfg_min_sigma = 0.2  # guidance only at σ > this, as in sample.py
 sample_steps = 20
 # system
 seed = 1337
@@ -348,7 +349,8 @@ def sample_grid(net, path):
         mask = make_mask('right', H, W).to(device).expand(len(known), 1, H, W)
     g = torch.Generator(device).manual_seed(seed)  # the same noise every time: the grids compare
     with ctx:
-        x0 = generate(net, sample_text, cfg=sample_cfg, steps=sample_steps, generator=g, known=known, mask=mask)
+        x0 = generate(net, sample_text, cfg=sample_cfg, steps=sample_steps, generator=g, known=known, mask=mask,
+                      cfg_min_sigma=sample_cfg_min_sigma)
     images = codec.decode(x0.float() / scale_factor)  # (B, 3, H_img, W_img) in [-1, 1]
     from torchvision.utils import save_image
     save_image((images.float() + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))), padding=1)
