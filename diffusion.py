@@ -4,7 +4,7 @@ a denoiser is any function D(x, σ) -> x0 estimate.
 
 Forward process (add_noise):          x_σ = (1-σ)·x0 + σ·ε,   ε ~ N(0, I),  σ ∈ [0, 1]
 Training (training_loss):             σ ~ Beta(a, b),  loss = ‖D(x_σ, σ, text) - x0‖²
-Guidance (guided_denoiser):           D = g·D(x, σ, text) + (1-g)·D(x, σ, ∅)
+Guidance (guided_denoiser):           D = g·D(x, σ, text) + (1-g)·D(x, σ, ∅)   (generate: at σ > cfg_min_sigma)
 Samplers, with α = 1-σ, λ = log(α/σ), h = λ_next - λ:
   DDIM (sample_ddim):                 x_next = ((σ - σ_next)·D + σ_next·x) / σ
   DPM-Solver++(2M) (sample_dpmpp_2m): x_next = (σ_next/σ)·x + α_next·(1 - e^{-h})·D',
@@ -54,20 +54,17 @@ def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, co
 
 # ----- guidance -----
 
-def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None, cfg_min_sigma=0.0):
+def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
     """D(x, σ) for the samplers: classifier-free guidance, x0 = g·x0_cond + (1-g)·x0_uncond.
     Both halves go through one batched forward. uncond_emb defaults to zeros (what training
-    dropped to); a negative prompt's embedding can take its place. cfg=1 skips the second half.
-    Guidance is applied only at σ > cfg_min_sigma, a limited guidance interval (Kynkäänniemi et al.
-    2024): at low noise the shape is settled, and cond - uncond holds little but the model's small
-    errors, which g amplifies into visible artefacts. Below it, the conditional half alone runs."""
+    dropped to); a negative prompt's embedding can take its place. cfg=1 skips the second half."""
     if uncond_emb is None:
         uncond_emb = torch.zeros_like(text_emb)
 
     def denoise(x, sigma):
         B = x.shape[0]
         s = torch.full((B,), float(sigma), device=x.device)
-        if cfg == 1.0 or sigma <= cfg_min_sigma:
+        if cfg == 1.0:
             return model(x, s, text_emb, cond=cond).float()  # the sampler's arithmetic stays fp32
         both = model(torch.cat([x, x]), torch.cat([s, s]), torch.cat([text_emb, uncond_emb]),
                      cond=None if cond is None else torch.cat([cond, cond]))
@@ -129,10 +126,12 @@ SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m}
 @torch.no_grad()
 def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, noise=None,
              generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=1.5, cfg_min_sigma=0.0):
-    """Sample x0 for each text embedding (B, D_text), starting from x = σ_max·ε, with guidance scale
-    cfg at σ > cfg_min_sigma (see guided_denoiser).
+    """Sample x0 for each text embedding (B, D_text), starting from x = σ_max·ε.
     shape (C, H, W) defaults to the model's trained input; pass noise to fix it, or a
     torch.Generator to make it reproducible.
+    cfg_min_sigma limits guidance to an interval (Kynkäänniemi et al. 2024): the steps from σ > cfg_min_sigma
+    are guided, the rest use the conditional model alone. By then the shape is settled, and cond - uncond
+    holds little but the model's small errors, which a scale g > 1 amplifies into visible artefacts.
     Inpainting/outpainting (a model with cond_channels = C+1): known (B, C, H, W) is the clean image,
     mask (B, 1, H, W) is 1 where to generate. The model sees both, and the known region of every
     x0 prediction is replaced by the known image, so the output keeps it exactly."""
@@ -143,14 +142,19 @@ def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, 
         if shape is None:
             shape = (model.n_channels, *trained_size(model))
         noise = torch.randn((B, *shape), generator=generator, device=text_emb.device)
-    if known is None:
-        denoise = guided_denoiser(model, text_emb, cfg, uncond_emb, cfg_min_sigma=cfg_min_sigma)
-    else:
-        inner = guided_denoiser(model, text_emb, cfg, uncond_emb, cond=masked_input(known, mask),
-                                cfg_min_sigma=cfg_min_sigma)
-        denoise = lambda x, sigma: mask * inner(x, sigma) + (1 - mask) * known  # noqa: E731
+
+    def denoiser(g):  # D(x, σ) at guidance scale g
+        if known is None:
+            return guided_denoiser(model, text_emb, g, uncond_emb)
+        inner = guided_denoiser(model, text_emb, g, uncond_emb, cond=masked_input(known, mask))
+        return lambda x, sigma: mask * inner(x, sigma) + (1 - mask) * known
+
     sigmas = sigma_schedule(steps, sigma_max, rho)
-    return SAMPLERS[sampler](denoise, sigma_max * noise.float(), sigmas)
+    # two solves, one per denoiser, so that DPM-Solver++(2M) never extrapolates across the switch
+    # (from a guided prediction to an unguided one); the interval only limits guidance that amplifies
+    n_guided = sum(s > cfg_min_sigma for s in sigmas[:-1]) if cfg > 1 else steps
+    x = SAMPLERS[sampler](denoiser(cfg), sigma_max * noise.float(), sigmas[:n_guided + 1])
+    return SAMPLERS[sampler](denoiser(1.0), x, sigmas[n_guided:])
 
 
 def trained_size(model):

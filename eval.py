@@ -327,9 +327,9 @@ def table(rows, baselines):
     head = "| sampler | cfg | at σ > | steps | top1 | top5 | rank | diversity | FID | CLIP | img/s |"
     lines = [head, "|" + "---|" * 11]
     for r in rows:
-        lines.append(f"| {r['sampler']} | {r['cfg']:g} | {r['cfg_min_sigma']:g} | {r['steps']} | {fmt(r['top1'], True)} | "
-                     f"{fmt(r['top5'], True)} | {fmt(r['rank'], rank=True)} | {fmt(r['diversity'])} | "
-                     f"{fmt(r['fid'])} | {fmt(r['clip'])} | {r['images_per_s']:.1f} |")
+        lines.append(f"| {r['sampler']} | {r['cfg']:g} | {r['cfg_min_sigma']:g} | {r['steps']} | "
+                     f"{fmt(r['top1'], True)} | {fmt(r['top5'], True)} | {fmt(r['rank'], rank=True)} | "
+                     f"{fmt(r['diversity'])} | {fmt(r['fid'])} | {fmt(r['clip'])} | {r['images_per_s']:.1f} |")
     for name, b in baselines.items():
         lines.append(f"| {name} | | | | {fmt(b['top1'], True)} | {fmt(b['top5'], True)} | "
                      f"{fmt(b['rank'], rank=True)} | {fmt(b['diversity'])} | {fmt(b['fid'])} | {fmt(b['clip'])} | |")

@@ -44,10 +44,10 @@ ckpt = ''  # or a checkpoint file, which wins over out_dir
 # what to sample
 prompt = 'a cute owl'
 prompt_file = ''  # many prompts, one per line: one grid row each
-negative = ''  # a prompt to steer away from: replaces the zero "unconditional" embedding
+negative = ''  # a prompt to steer away from: replaces the zero "unconditional" embedding (on the guided steps)
 n = 4  # images per prompt
 cfg = 7.0  # classifier-free guidance scale; 1 = no guidance (and half the compute)
-cfg_min_sigma = 0.2  # guide only at σ > this (a limited guidance interval); 0 = guide at every step
+cfg_min_sigma = 0.2  # guide only the steps from σ > this (a limited guidance interval); 0 = every step
 seed = 0  # image j of every prompt starts from the noise of seed + j
 steps = 15
 sampler = 'dpmpp2m'  # 'dpmpp2m' or 'ddim'
@@ -113,11 +113,11 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, text_emb, noise, cfg=7.0, steps=15, sampler='dpmpp2m', uncond_emb=None,
-                known=None, mask=None, batch_size=64, cfg_min_sigma=0.0):
+                known=None, mask=None, batch_size=64, cfg_min_sigma=0.2):
         """Sample x0 (B, C, h, w) in model space from noise (B, C, h, w), for text_emb (B, D_text).
         uncond_emb (B, D_text) replaces the zero embedding (a negative prompt). known/mask: outpainting,
         mask 1 = generate. An outpainting model asked for a plain image gets an all-generate mask.
-        Guidance applies at σ > cfg_min_sigma (diffusion.guided_denoiser)."""
+        Guidance applies to the steps from σ > cfg_min_sigma (diffusion.generate), as in the CLI."""
         B = text_emb.shape[0]
         if self.model.cond_channels and known is None:
             known, mask = torch.zeros_like(noise), torch.ones_like(noise[:, :1])
@@ -170,7 +170,7 @@ def make_noise(seeds, shape):
 
 
 def generate_images(pipe, prompts, n=1, cfg=7.0, steps=15, sampler='dpmpp2m', seed=0, negative='',
-                    size=None, batch_size=64, decode_batch_size=16, cfg_min_sigma=0.0):
+                    size=None, batch_size=64, decode_batch_size=16, cfg_min_sigma=0.2):
     """n images for each prompt -> (len(prompts)·n, 3, H, W) in [0, 1], prompt-major; image j of every
     prompt starts from the noise of seed + j."""
     emb = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (P·n, D)
@@ -273,9 +273,8 @@ def check_args():
         fail(f"--sampler must be one of {sorted(SAMPLERS)}, got '{sampler}'")
     if n < 1:
         fail(f"--n must be >= 1, got {n}")
-    if not (isinstance(cfg_min_sigma, (int, float)) and 0 <= cfg_min_sigma < 1):
-        fail(f"--cfg_min_sigma must be a number in [0, 1), the noise level below which guidance is off, "
-             f"got {cfg_min_sigma!r}")
+    if not 0 <= cfg_min_sigma < 1:
+        fail(f"--cfg_min_sigma must be in [0, 1), the noise level below which guidance is off, got {cfg_min_sigma}")
     if zoom < 1:
         fail(f"--zoom must be >= 1, got {zoom}")
     if dtype not in ('auto', *PTDTYPES):
@@ -371,7 +370,8 @@ def sample_inpaint(pipe, prompts, shape):
     text = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (B, D)
     noise = make_noise([seed + j for j in range(n)], shape).repeat(len(prompts), 1, 1, 1)
     x0 = pipe.denoise(text, noise, cfg, steps, sampler, negative_like(pipe, text), batch_size=batch_size,
-                      cfg_min_sigma=cfg_min_sigma, known=pipe.encode_image(image).expand(B, -1, -1, -1), mask=m.expand(B, -1, -1, -1))
+                      known=pipe.encode_image(image).expand(B, -1, -1, -1), mask=m.expand(B, -1, -1, -1),
+                      cfg_min_sigma=cfg_min_sigma)
     fills = pipe.decode(x0, decode_batch_size).view(len(prompts), n, 3, H, W)
     m_px = F.interpolate(m, size=(H, W), mode='nearest')
     before = ((image + 1) / 2 * (1 - m_px) + 0.5 * m_px).expand(len(prompts), 1, 3, H, W)

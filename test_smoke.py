@@ -152,38 +152,39 @@ def test_guidance_endpoints_and_batching():
     torch.testing.assert_close(guided_denoiser(model, text, cfg=0.0, uncond_emb=neg)(x, 0.4), negative, **close)
 
 
-
-def test_guidance_interval_matches_a_hand_written_sampler():
-    """cfg_min_sigma: guided steps above it, conditional-only steps (one half-size forward) at or below."""
+def test_guidance_interval_is_a_second_solve_without_guidance():
+    """cfg_min_sigma: the steps from σ > cfg_min_sigma are guided, the rest run the conditional model alone,
+    as a second solve, so that DPM-Solver++(2M) does not extrapolate from a guided prediction to an unguided one."""
     model = tiny_denoiser().eval()
     text, noise = torch.randn(2, 8), torch.randn(2, 3, 16, 16)
+
+    def reference(g):  # guidance written out with separate forwards
+        def denoise(x, sigma):
+            s = torch.full((2,), sigma)
+            return g * model(x, s, text) + (1 - g) * model(x, s, torch.zeros_like(text))
+        return denoise
+    switching = lambda x, sigma: reference(5.0 if sigma > 0.3 else 1.0)(x, sigma)  # noqa: E731
+    sigmas = sigma_schedule(8)  # 1, .82, .65, .49, .35 | .23, .13, .04, 0: 5 steps from σ > 0.3
+    close = dict(rtol=1e-4, atol=1e-4)
+    for name, sampler in (('ddim', sample_ddim), ('dpmpp2m', sample_dpmpp_2m)):
+        got = generate(model, text, cfg=5.0, steps=8, sampler=name, noise=noise, cfg_min_sigma=0.3)
+        two_solves = sampler(reference(1.0), sampler(reference(5.0), noise, sigmas[:6]), sigmas[5:])
+        torch.testing.assert_close(got, two_solves, **close)
+        assert (got - generate(model, text, cfg=5.0, steps=8, sampler=name, noise=noise)).abs().max() > 1e-3
+        one_solve = sampler(switching, noise, sigmas)  # the same denoisers without the restart
+        if name == 'ddim':  # a one-step method has no history: the restart changes nothing
+            torch.testing.assert_close(got, one_solve, **close)
+        else:  # 2M's first unguided step is first order instead of extrapolating across the switch
+            assert (got - one_solve).abs().max() > 1e-3
     batch_sizes = []
     model.register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].shape[0]))
-    denoise = guided_denoiser(model, text, cfg=5.0, cfg_min_sigma=0.3)
-    x, s = torch.randn(2, 3, 16, 16), torch.full((2,), 0.3)
-    torch.testing.assert_close(denoise(x, 0.3), model(x, s, text))  # at the boundary: conditional only
-    assert batch_sizes[-2:] == [2, 2]
-    s = torch.full((2,), 0.31)
-    cond, uncond = model(x, s, text), model(x, s, torch.zeros_like(text))
-    torch.testing.assert_close(denoise(x, 0.31), 5 * cond - 4 * uncond, rtol=1e-4, atol=1e-4)
-    assert batch_sizes[-1] == 4  # above it: both halves in one forward
-
-    def reference(x, sigma):  # the same rule, written out with separate forwards
-        s = torch.full((2,), sigma)
-        c = model(x, s, text)
-        return 5 * c - 4 * model(x, s, torch.zeros_like(text)) if sigma > 0.3 else c
-    sigmas = sigma_schedule(8)
-    for sampler in (sample_ddim, sample_dpmpp_2m):
-        want = sampler(reference, noise.clone(), sigmas)
-        got = generate(model, text, cfg=5.0, steps=8, sampler='ddim' if sampler is sample_ddim else 'dpmpp2m',
-                       noise=noise, cfg_min_sigma=0.3)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        everywhere = generate(model, text, cfg=5.0, steps=8, sampler='ddim' if sampler is sample_ddim else 'dpmpp2m',
-                              noise=noise)
-        assert (got - everywhere).abs().max() > 1e-3  # the interval changes the image
-    batch_sizes.clear()
     generate(model, text, cfg=5.0, steps=8, noise=noise, cfg_min_sigma=0.3)
-    assert batch_sizes == [4 if s > 0.3 else 2 for s in sigmas[:-1]]  # 5 of 8 steps guided
+    assert batch_sizes == [4] * 5 + [2] * 3  # both halves in one forward while guided, then one half
+    # only guidance that amplifies (g > 1) is limited: cfg 0, the unconditional model, stays so to the end
+    torch.testing.assert_close(generate(model, text, cfg=0.0, steps=8, noise=noise, cfg_min_sigma=0.3),
+                               generate(model, torch.zeros_like(text), cfg=1.0, steps=8, noise=noise), **close)
+
+
 def test_samplers_converge_to_exact_ode_solution_at_their_order():
     data = GaussianData()
     dpm = {n: data.error(sample_dpmpp_2m, n) for n in (15, 30, 60, 120)}
@@ -732,6 +733,7 @@ def test_train_errors_are_one_line(tmp_path, tiny_run):
         (['--batch_sise=8'], "error: unknown config key 'batch_sise' (did you mean batch_size?)"),
         ([f'--data_dir={tmp_path}/missing'], f"error: {tmp_path}/missing: no such directory"),
         (['--dtype=bf16'], "error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got 'bf16'"),
+        (['--sample_cfg_min_sigma=1.5'], "error: sample_cfg_min_sigma must be in [0, 1)"),
         ([f'--out_dir={out}'], f"error: {out}/ckpt.pt exists; continue it with --init_from=resume"),
         ([f'--init_from={tmp_path}/nothing.pt'], f"error: no checkpoint at '{tmp_path}/nothing.pt'"),
     ]
@@ -912,6 +914,30 @@ def test_sample_negative_prompt_replaces_the_unconditional_half(sample_run):
     assert pipe.latent_shape(64) == (3, 64, 64)
 
 
+def test_sample_cfg_min_sigma_reaches_every_mode(sample_run, reference_grid):
+    """--cfg_min_sigma is passed to the sampler in every mode: the same call as from Python, and a different
+    interval gives different images (the default is 0.2)."""
+    import sample
+    run, outpaint, args = str(sample_run / 'run'), str(sample_run / 'outpaint'), reference_grid[0]
+    pipe = sample.load_pipeline(run, 'cpu', 'auto')
+    grid = _png(_sample(*args, '--cfg_min_sigma=0.5', '--out', str(sample_run / 'interval.png'))[0])
+    python = sample.generate_images(pipe, ['a red apple', 'a cute owl'], n=2, cfg=7.0, seed=3, cfg_min_sigma=0.5)
+    for k, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        assert np.abs(_tile(grid, r, c) - python[k].permute(1, 2, 0).numpy()).max() <= 1 / 255
+    assert np.abs(grid - _png(reference_grid[1][0])).max() > 0.05
+    half = np.zeros((16, 16), np.uint8)
+    half[:, 8:] = 255  # white = generate: the right half
+    Image.fromarray(half).save(sample_run / 'half.png')
+    _random_png(sample_run / 'start.png')
+    for mode in (['--out_dir', run, '--interp', 'a red apple', 'a cute owl', '--frames', '3'],
+                 ['--out_dir', outpaint, '--prompt', 'a red apple', '--outpaint', 'right'],
+                 ['--out_dir', outpaint, '--prompt', 'a red apple', '--init_image', str(sample_run / 'start.png'),
+                  '--mask', str(sample_run / 'half.png')]):
+        a, b = (_png(_sample(*mode, '--n=1', f'--cfg_min_sigma={lo}', '--out', str(sample_run / f'{lo}.png'))[0])
+                for lo in (0.2, 0.5))
+        assert np.abs(a - b).max() > 2 / 255, mode  # same args, same bytes: this is the interval
+
+
 def _random_png(path, h=16, w=16, seed=0):
     pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
@@ -944,7 +970,7 @@ def test_outpaint_keeps_the_known_region(sample_run):
     (['--out_dir', '/nonexistent/run'], "error: no checkpoint at '/nonexistent/run'"),
     (['--cfg', 'high'], "error: config key 'cfg' expects float"),
     (['--steps', '0'], "error: --steps must be >= 1, got 0"),
-    (['--cfg_min_sigma', '1'], "error: --cfg_min_sigma must be a number in [0, 1)"),
+    (['--cfg_min_sigma', '1'], "error: --cfg_min_sigma must be in [0, 1)"),
     (['--prompt', ''], "error: --prompt is empty"),
     (['--size', '15'], "error: --size 15 is not a positive multiple of 2"),
     (['--outpaint', 'right'], "is not an outpainting model"),
@@ -1188,6 +1214,7 @@ def test_eval_cli_fid_with_local_inception_weights(tmp_path):
     (['--sampler', 'ddim,euler'], "--sampler must be among ['ddim', 'dpmpp2m'], got 'euler'"),
     (['--cfg', 'high'], "--cfg expects a comma-separated list of floats, got ('high',)"),
     (['--steps', '0,5'], '--steps must all be >= 1, got [0, 5]'),
+    (['--cfg_min_sigma', '0,1'], '--cfg_min_sigma must all be in [0, 1), got [0.0, 1.0]'),
     (['--out_dir=/no/such/run'], "no checkpoint at '/no/such/run' (train one with: python train.py config/tiny.py)"),
 ])
 def test_eval_errors_are_one_line(args, message):

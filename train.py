@@ -83,7 +83,7 @@ eval_sigmas = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels, so val losses com
 n_sample = 16  # val captions in the sample grid
 sample_prompts = ()  # or your own prompts for the grid (text-to-image only), encoded once at the start
 sample_cfg = 5.0
-sample_cfg_min_sigma = 0.2  # guidance only at σ > this, as in sample.py
+sample_cfg_min_sigma = 0.2  # guide only the steps from σ > this, as sample.py does
 sample_steps = 20
 # system
 seed = 1337
@@ -119,6 +119,9 @@ torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 dtype = resolve_dtype(dtype, device)  # auto: bf16 where the hardware has it, fp16 + GradScaler on older GPUs
 if dtype not in PTDTYPES:
     sys.exit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+if not 0 <= sample_cfg_min_sigma < 1:
+    sys.exit(f"error: sample_cfg_min_sigma must be in [0, 1), the noise level below which guidance is off, "
+             f"got {sample_cfg_min_sigma}")
 ptdtype = PTDTYPES[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
