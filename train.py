@@ -456,4 +456,5 @@ while True:
                       step=iter_num)
 
 if ddp:
+    dist.barrier()  # rank 0 may still be writing the checkpoint: tear gloo/NCCL down together
     dist.destroy_process_group()
