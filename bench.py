@@ -174,7 +174,7 @@ def bench_sample(peaks):
     """sample.py's three phases for 36 images at 15 steps with cfg (72 images per model call), on the
     tiny emoji model; and the denoising loop of the small config as a share of the bf16 peak."""
     from sample import Pipeline, make_noise
-    from model import ImageCodec, TextEncoder
+    from encoders import ImageCodec, TextEncoder
     prompts, steps, cfg = [f'prompt {i}' for i in range(36)], 15, 7.0
     rows = []
     for name in ('tiny', 'small'):

@@ -251,7 +251,7 @@ def clip_or_reason(name, text_encoder):
     """(a ClipScore, None) or (None, why CLIP score is skipped). name '' means the checkpoint's text
     encoder, when it is a CLIP."""
     if not name:
-        from model import TEXT_ENCODERS
+        from encoders import TEXT_ENCODERS
         if not str(text_encoder).lower().startswith('clip'):
             return None, (f"the checkpoint's text encoder is '{text_encoder}', not a CLIP "
                           f"(pass --clip=NAME_OR_DIR to score with one anyway)")
@@ -356,7 +356,8 @@ def main():
     if fid_ref and not os.path.isdir(fid_ref):
         fail(f"--fid_ref '{fid_ref}' is not a folder of images")
 
-    from model import PTDTYPES, ImageCodec, denoiser_from_checkpoint, load_checkpoint
+    from encoders import ImageCodec
+    from model import PTDTYPES, denoiser_from_checkpoint, load_checkpoint
     from prepare import load_prepared
     from sample import Pipeline, make_noise, save_grid
     if dtype not in PTDTYPES and dtype != 'auto':

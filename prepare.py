@@ -43,20 +43,20 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from configurator import config_keys, configure
-from model import ImageCodec, TextEncoder
+from encoders import ImageCodec, TextEncoder
 
 # -----------------------------------------------------------------------------
 # default config values
 source = 'emoji'  # emoji | folder | wds | urls
 input = ''  # emoji: its data dir (data/emoji) | folder: a dir | wds: a .tar, a dir of them or 'a/{000..009}.tar' | urls: .parquet/.csv/.tsv/.jsonl
 out_dir = ''  # '' -> data/prepared/emoji<image_size>, or data/prepared/<name of the input>
-text_encoder = 'minilm'  # minilm | clip:ViT-L/14 | a hub name or local dir (model.TextEncoder)
-vae = 'none'  # none: pixel space | a diffusers AutoencoderKL name or local dir (model.ImageCodec)
+text_encoder = 'minilm'  # minilm | clip:ViT-L/14 | a hub name or local dir (encoders.TextEncoder)
+vae = 'none'  # none: pixel space | a diffusers AutoencoderKL name or local dir (encoders.ImageCodec)
 image_size = 32
 min_image_size = None  # skip images whose shorter side is below this; None: image_size // 2
 batch_size = 64  # images per encoding step, and per resume checkpoint
 device = 'auto'  # auto: cuda when there is one
-amp = True  # encode under bf16 autocast (model._autocast)
+amp = True  # encode under bf16 autocast (encoders._autocast)
 latent_dtype = 'float16'  # float16 | float32 | uint8 (quantized; the scale is in meta.json)
 empty_caption = 'skip'  # skip | error: what to do with an item that has no caption
 val_count = 256  # folder/wds/urls: items held out for validation, evenly spread (at most a tenth)

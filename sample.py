@@ -35,7 +35,8 @@ from PIL import Image
 
 from configurator import configure
 from diffusion import SAMPLERS, generate, lerp, make_mask, slerp, trained_size
-from model import PTDTYPES, ImageCodec, TextEncoder, denoiser_from_checkpoint, load_checkpoint, resolve_dtype
+from encoders import ImageCodec, TextEncoder
+from model import PTDTYPES, denoiser_from_checkpoint, load_checkpoint, resolve_dtype
 
 # -----------------------------------------------------------------------------
 # what to sample from

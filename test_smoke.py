@@ -299,7 +299,7 @@ import threading  # noqa: E402
 
 
 import prepare as prep  # noqa: E402
-from model import ImageCodec, TextEncoder  # noqa: E402
+from encoders import ImageCodec, TextEncoder  # noqa: E402
 
 
 @pytest.fixture(scope='module')

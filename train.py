@@ -261,7 +261,7 @@ if ddp:
 val_idx = np.linspace(0, n_val - 1, min(eval_samples, n_val)).round().astype(int)  # spread over the set
 sample_idx = np.linspace(0, n_val - 1, min(n_sample, n_val)).round().astype(int)
 if sample_prompts and not outpaint and master_process:
-    from model import TextEncoder
+    from encoders import TextEncoder
     if not all(isinstance(p, str) for p in sample_prompts):
         sys.exit(f"error: sample_prompts must be strings, got {sample_prompts!r}")
     sample_prompts = list(sample_prompts)
@@ -344,7 +344,7 @@ def sample_grid(net, path):
     model gets the left half of each prompt's val image and fills in the right half."""
     global codec
     if codec is None:
-        from model import ImageCodec
+        from encoders import ImageCodec
         codec = ImageCodec(meta['vae'], device)
     known = mask = None
     if outpaint:
