@@ -7,6 +7,8 @@ Measured speed and sampler accuracy, as tables of ratios taken in one run on thi
 
 Tables:
 - peak: this machine's own fp32 and bf16 matmul throughput (2048² matmuls), the yardstick below.
+- reference: the Denoiser (the reference's cross-attention block, and adaLN-Zero) against a plain
+  implementation of the reference architecture, train step and guided sampling, fp32 and bf16.
 - model: forward and forward+backward images/s of the denoiser, fp32 and bf16 autocast, eager
   and compiled, its FLOPs per image (torch.utils.flop_counter, corrected, see count_flops) and the
   achieved FLOP/s as a fraction of the peak of the same dtype.
@@ -18,28 +20,34 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (FlopCounterMode, conv_flop_count, sdpa_backward_flop_count,
+                                      sdpa_flop_count)
 
 from configurator import configure
-from diffusion import SAMPLERS, GaussianData
-from model import Denoiser
+from einops import rearrange
+
+from diffusion import SAMPLERS, GaussianData, guided_denoiser, sample_dpmpp_2m, sigma_schedule
+from model import PTDTYPES, Denoiser, autocast, sinusoidal_embedding
 
 # -----------------------------------------------------------------------------
-only = ''  # comma list of tables to run: peak,model,samplers,prepare,sample,eval ('' = all)
+only = ''  # comma list of tables: peak,reference,model,samplers,prepare,sample,eval ('' = all)
 configs = 'small,base'
 device = 'cpu'
 compile = True  # also time torch.compile'd models (the first call of each compiles, ~1 min on CPU)
 batch_size = 32  # for the small config; base uses base_batch_size on CPU, where it is slow
 base_batch_size = 8
 iters = 5  # timed iterations per cell, after warmup
+rounds = 5  # reference: interleaved rounds of every model, the median is reported
 seed = 0
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
 
-# the two configs of the core issue: PERF.md's small model, and config/base.py's ~101M one
+# the two configs timed: a small model (4 layers, 256 wide) and config/base.py's ~101M one
 MODEL_CONFIGS = {
-    'small': dict(n_channels=4, image_size=32, patch_size=2, embed_dim=256, n_layers=4, text_emb_size=768),
-    'base': dict(n_channels=4, image_size=32, patch_size=2, embed_dim=768, n_layers=12, text_emb_size=768),
+    'small': dict(n_channels=4, image_size=32, patch_size=2, embed_dim=256, n_layers=4,
+                  text_emb_size=768),
+    'base': dict(n_channels=4, image_size=32, patch_size=2, embed_dim=768, n_layers=12,
+                 text_emb_size=768),
 }
 
 
@@ -77,8 +85,8 @@ def print_table(title, header, rows):
 
 # ----- FLOP counting -----
 
-def _conv_backward_flops(grad_out, x, w, bias, stride, padding, dilation, transposed, output_padding,
-                         groups, output_mask, out_shape=None, **kwargs):
+def _conv_backward_flops(grad_out, x, w, bias, stride, padding, dilation, transposed,
+                         output_padding, groups, output_mask, out_shape=None, **kwargs):
     # torch's formula ignores groups; each of grad_input and grad_weight costs one forward conv
     return conv_flop_count(x, w, grad_out, transposed) * sum(output_mask[:2])
 
@@ -92,7 +100,7 @@ def _cpu_sdpa_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs)
 
 
 aten = torch.ops.aten
-FLOP_FIXES = {  # what torch.utils.flop_counter gets wrong (PERF.md): depthwise conv backward, CPU SDPA
+FLOP_FIXES = {  # what torch.utils.flop_counter gets wrong: depthwise conv backward, CPU SDPA
     aten.convolution_backward: _conv_backward_flops,
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
@@ -138,7 +146,8 @@ def bench_model(peaks):
             for compiled in ([False, True] if compile else [False]):
                 torch._dynamo.reset()
                 net = torch.compile(model) if compiled else model
-                autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+                autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16,
+                                          enabled=dtype == torch.bfloat16)
 
                 def forward():
                     with torch.no_grad(), autocast:
@@ -154,7 +163,8 @@ def bench_model(peaks):
                 peak = peaks[dtype]
                 rows.append([name, str(dtype).removeprefix('torch.'), 'yes' if compiled else 'no',
                              f"{B / t_fwd:.1f}", f"{B / t_train:.1f}", f"{fwd_flops / 1e9:.2f}",
-                             f"{fwd_flops * B / t_fwd / peak:.0%}", f"{train_flops * B / t_train / peak:.0%}"])
+                             f"{fwd_flops * B / t_fwd / peak:.0%}",
+                             f"{train_flops * B / t_train / peak:.0%}"])
                 print('  ' + ' '.join(rows[-1]), flush=True)
     print_table('model: denoiser throughput (share of the same dtype\'s matmul peak)',
                 ['config', 'dtype', 'compiled', 'fwd img/s', 'fwd+bwd img/s', 'fwd GFLOP/img',
@@ -165,20 +175,22 @@ def tiny_model():
     """An (untrained: speed does not depend on the weights) denoiser of config/tiny.py's shape."""
     c = runpy.run_path('config/tiny.py')
     torch.manual_seed(seed)
-    return Denoiser(n_channels=3, image_size=32, patch_size=c['patch_size'], embed_dim=c['embed_dim'],
-                    n_layers=c['n_layers'], mlp_multiplier=c['mlp_multiplier'], head_dim=c['head_dim'],
+    return Denoiser(n_channels=3, image_size=32, patch_size=c['patch_size'],
+                    embed_dim=c['embed_dim'], n_layers=c['n_layers'],
+                    mlp_multiplier=c['mlp_multiplier'], head_dim=c['head_dim'],
                     text_emb_size=384).eval().to(device)
 
 
 def bench_sample(peaks):
-    """sample.py's three phases for 36 images at 15 steps with cfg (72 images per model call), on the
-    tiny emoji model; and the denoising loop of the small config as a share of the bf16 peak."""
-    from sample import Pipeline, make_noise
+    """sample.py's three phases for 36 images at 15 steps with cfg (72 images per model call), on
+    the tiny emoji model; and the denoising loop of the small config as a share of the bf16 peak."""
+    from pipeline import Pipeline, make_noise
     from encoders import ImageCodec, TextEncoder
     prompts, steps, cfg = [f'prompt {i}' for i in range(36)], 15, 7.0
     rows = []
     for name in ('tiny', 'small'):
-        model = tiny_model() if name == 'tiny' else Denoiser(**MODEL_CONFIGS['small']).eval().to(device)
+        model = tiny_model() if name == 'tiny' else \
+            Denoiser(**MODEL_CONFIGS['small']).eval().to(device)
         text_encoder = TextEncoder('minilm', device) if name == 'tiny' else None
         pipe = Pipeline(model, text_encoder, ImageCodec('none', device), 1.0, device, dtype='auto')
         shape = pipe.latent_shape()
@@ -189,11 +201,13 @@ def bench_sample(peaks):
         else:
             t_text, emb = float('nan'), torch.randn(36, 768, device=device)
         # guided at every step (cfg_min_sigma=0), so every model call is a forward of both halves
-        t_denoise = timeit(lambda: pipe.denoise(emb, noise, cfg, steps, cfg_min_sigma=0.0), n=3, warmup=1)
-        x0 = pipe.denoise(emb, noise, cfg, steps, cfg_min_sigma=0.0)
+        t_denoise = timeit(lambda: pipe.sample_latents(emb, noise, cfg, steps, cfg_min_sigma=0.0),
+                           n=3, warmup=1)
+        x0 = pipe.sample_latents(emb, noise, cfg, steps, cfg_min_sigma=0.0)
         t_decode = timeit(lambda: pipe.decode(x0), n=3, warmup=1)
         # model calls: `steps` forwards of 72 images (the cond and uncond halves in one batch)
-        flops = count_flops(lambda: model(torch.cat([noise, noise]).to(device), torch.rand(72, device=device),
+        flops = count_flops(lambda: model(torch.cat([noise, noise]).to(device),
+                                          torch.rand(72, device=device),
                                           torch.cat([emb, emb]))) * steps
         peak = peaks[torch.bfloat16 if pipe.dtype == 'bfloat16' else torch.float32]
         rows.append([name, pipe.dtype, f"{t_text:.2f}", f"{t_denoise:.2f}", f"{t_decode:.3f}",
@@ -204,45 +218,218 @@ def bench_sample(peaks):
                 ['model', 'dtype', 'text', 'denoise', 'decode', 'total', 'denoise % peak'], rows)
 
 
-def bench_prepare():
-    """prepare.py's throughput: the emoji set in pixel space with MiniLM, and 256 px images through a
-    small random VAE (f=8, a quarter of SD's width), both on this device."""
+def make_random_vae(path, block_out_channels=(32, 64, 128, 128), latent_channels=4, seed=0):
+    """Save a random-init AutoencoderKL to path (f = 2^(len(block_out_channels) - 1)): the real
+    code path and cost of a small VAE, with no download. The default is the SD VAE at 1/4 width."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    AutoencoderKL(down_block_types=('DownEncoderBlock2D',) * n,
+                  up_block_types=('UpDecoderBlock2D',) * n,
+                  block_out_channels=tuple(block_out_channels), latent_channels=latent_channels,
+                  layers_per_block=1, norm_num_groups=min(32, block_out_channels[0])
+                  ).save_pretrained(path)
+    return path
+
+
+def make_image_folder(path, n, size=256, seed=0):
+    """n random-but-smooth JPEG photos of size x size px with .txt captions, as a folder source."""
+    import os
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    for i in range(n):
+        low = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)  # blurred up: photo-like to JPEG
+        image = Image.fromarray(low).resize((size, size), Image.BICUBIC)
+        image.save(os.path.join(path, f'{i:06d}.jpg'), quality=90)
+        with open(os.path.join(path, f'{i:06d}.txt'), 'w') as f:
+            f.write(f'a blurry photo number {i}')
+    return path
+
+
+def time_prepare(source='emoji', n_images=0, image_size=32, vae='none', batch_size=64):
+    """prepare.py on one setting, everything counted (loading the encoders, decoding, encoding,
+    writing). source='folder' makes n_images random 256 px JPEGs; vae='random' is make_random_vae().
+    Rows are image-caption pairs (the emoji set has 9 an image: 6 training, 1 val, 2 held-out)."""
+    import os
+    import tempfile
     import prepare
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = dict(source=source, out_dir=os.path.join(tmp, 'out'), image_size=image_size,
+                  device=device, text_encoder='minilm', batch_size=batch_size, limit=n_images)
+        if source == 'folder':
+            kw['input'] = make_image_folder(os.path.join(tmp, 'images'), n_images or 64, size=256)
+        kw['vae'] = make_random_vae(os.path.join(tmp, 'vae')) if vae == 'random' else vae
+        t = time.time()
+        meta = prepare.prepare(**kw)
+        seconds = time.time() - t
+    rows = meta['n'] + meta['n_val'] + meta.get('n_heldout', 0)
+    return dict(images=meta['items'], rows=rows, seconds=seconds, rows_per_s=rows / seconds,
+                images_per_s=meta['items'] / seconds, encode_images_per_s=meta['items_per_s'])
+
+
+def bench_prepare():
+    """prepare.py's throughput: the emoji set in pixel space with MiniLM, and 256 px images through
+    a small random VAE (f=8, a quarter of SD's width), both on this device."""
     rows = []
-    for label, kw in [('emoji, pixels + minilm', dict()),
-                      ('256 px folder, small VAE + minilm', dict(source='folder', n_images=32, image_size=256,
-                                                                 vae='random', batch_size=16))]:
-        r = prepare.bench_prepare(device=device, **kw)
+    folder = dict(source='folder', n_images=32, image_size=256, vae='random', batch_size=16)
+    for label, kw in [('emoji, pixels + minilm', {}),
+                      ('256 px folder, small VAE + minilm', folder)]:
+        r = time_prepare(**kw)
         rows.append([label, r['images'], f"{r['seconds']:.1f}", f"{r['images_per_s']:.1f}",
                      f"{r['encode_images_per_s']:.1f}"])
         print('  ' + ' '.join(map(str, rows[-1])), flush=True)
-    print_table('prepare', ['data', 'images', 'seconds', 'images/s', 'images/s (encoding loop)'], rows)
+    print_table('prepare', ['data', 'images', 'seconds', 'images/s', 'images/s (encoding loop)'],
+                rows)
 
 
 def bench_eval():
-    """eval.py's scoring (features, nearest emoji, diversity) of 256 images against the 1,886 distinct
-    emoji; the sampling it also does is sample.py's speed, above."""
-    import eval as evaluate
+    """eval.py's scoring of 256 images (one row of its table) against the 1,886 distinct emoji:
+    prompt fidelity and diversity; FID/KID's Inception features of the 256 images (one timed call,
+    after a warm-up batch), and FID + KID of those features against 1,886 reference features. The
+    sampling it also does is sample.py's speed, above."""
+    import metrics
     g = torch.Generator().manual_seed(seed)
-    ref = evaluate.Reference(torch.rand(1886, 3, 32, 32, generator=g))
-    images, targets = torch.rand(256, 3, 32, 32, generator=g), torch.randint(ref.K, (256,), generator=g)
-    t = timeit(lambda: evaluate.measure(images, targets, 2, ref), n=5, warmup=1)
-    print_table('eval: scoring', ['images', 'reference', 'seconds', 'images/s'],
-                [[256, ref.K, f"{t:.3f}", f"{256 / t:.0f}"]])
+    ref = metrics.Reference(torch.rand(1886, 3, 32, 32, generator=g))
+    images = torch.rand(256, 3, 32, 32, generator=g)
+    targets = torch.randint(ref.K, (256,), generator=g)
+    t = timeit(lambda: metrics.measure(images, targets, 2, ref), n=5, warmup=1)
+    rows = [['prompt fidelity, diversity', 256, ref.K, f"{t:.3f}", f"{256 / t:.0f}"]]
+    try:
+        inception = metrics.InceptionFeatures(device=device)
+    except FileNotFoundError as e:
+        print(f"eval: FID/KID skipped: {e}")
+    else:
+        inception(images[:32])  # warm-up: oneDNN picks its kernels
+        t = timeit(lambda: inception(images), n=1, warmup=0)
+        rows.append(['Inception features (299 px)', 256, '', f"{t:.1f}", f"{256 / t:.1f}"])
+        reference = metrics.FeatureReference(torch.rand(1886, 2048, generator=g,
+                                                        dtype=torch.float64))
+        feats = torch.rand(256, 2048, generator=g, dtype=torch.float64)
+        t = timeit(lambda: reference(feats), n=3, warmup=1)
+        rows.append(['FID + KID (100 subsets of 256)', 256, reference.n, f"{t:.2f}",
+                     f"{256 / t:.0f}"])
+    print_table('eval: scoring', ['metric', 'images', 'reference', 'seconds', 'images/s'], rows)
 
 
 def bench_samplers():
     data = GaussianData()
     steps = [5, 10, 15, 25, 50]
-    rows = [[name] + [f"{data.error(SAMPLERS[name], n):.2e}" for n in steps] for name in ('ddim', 'dpmpp2m')]
+    rows = [[name] + [f"{data.error(SAMPLERS[name], n):.2e}" for n in steps]
+            for name in ('ddim', 'dpmpp2m')]
     print_table('samplers: RMS error vs the exact ODE solution, Gaussian data (std 0.5-1.5)',
                 ['sampler'] + [f"{n} steps" for n in steps], rows)
 
 
+# ----- the yardstick: a plain implementation of the reference architecture -----
+
+class PlainBlock(torch.nn.Module):
+    """The reference's block as its description gives it, with no fusion: separate q, k, v
+    projections, SDPA for the self- and the cross-attention, and an MLP of 1×1 convolutions
+    around the depthwise 3×3 conv, on (B, D, H, W) maps."""
+
+    def __init__(self, dim, head_dim, mult):
+        super().__init__()
+        nn, self.h = torch.nn, dim // head_dim
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
+        self.q1, self.k1, self.v1 = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.q2, self.k2, self.v2 = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.mlp = nn.Sequential(nn.Conv2d(dim, mult * dim, 1),
+                                 nn.Conv2d(mult * dim, mult * dim, 3, padding=1, groups=mult * dim),
+                                 nn.GELU(), nn.Conv2d(mult * dim, dim, 1))
+
+    def attend(self, q, k, v):
+        split = lambda t: rearrange(t, 'b n (h d) -> b h n d', h=self.h)
+        y = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        return rearrange(y, 'b h n d -> b n (h d)')
+
+    def forward(self, x, context, grid):  # x (B, N, D), context (B, 2, D)
+        h = self.norm1(x)
+        x = x + self.attend(self.q1(h), self.k1(h), self.v1(h))
+        h = self.norm2(x)
+        x = x + self.attend(self.q2(h), self.k2(context), self.v2(context))
+        h = rearrange(self.norm3(x), 'b (h w) d -> b d h w', h=grid[0])
+        return x + rearrange(self.mlp(h), 'b d h w -> b (h w) d')
+
+
+class PlainDenoiser(torch.nn.Module):
+    """x (B, C, H, W), σ (B,), text (B, D_text) -> x0 (B, C, H, W), as Denoiser with
+    conditioning='cross': the same parameters per layer and the same FLOPs."""
+
+    def __init__(self, n_channels, image_size, patch_size, embed_dim, n_layers, text_emb_size,
+                 mlp_multiplier=4, head_dim=64):
+        super().__init__()
+        nn, D, self.p = torch.nn, embed_dim, patch_size
+        self.patch_in = nn.Linear(n_channels * patch_size ** 2, D)
+        self.pos_emb = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2, D))
+        self.sigma_mlp = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
+        self.text_proj, self.context_norm = nn.Linear(text_emb_size, D), nn.LayerNorm(D)
+        self.blocks = nn.ModuleList(PlainBlock(D, head_dim, mlp_multiplier)
+                                    for _ in range(n_layers))
+        self.norm_out, self.patch_out = nn.LayerNorm(D), nn.Linear(D, n_channels * patch_size ** 2)
+
+    def forward(self, x, sigma, text_emb, cond=None):
+        grid = (x.shape[2] // self.p, x.shape[3] // self.p)
+        x = rearrange(x, 'b c (h p1) (w p2) -> b (h w) (c p1 p2)', p1=self.p, p2=self.p)
+        x = self.patch_in(x) + self.pos_emb
+        sigma_emb = self.sigma_mlp(sinusoidal_embedding(sigma, x.shape[-1]).to(x.dtype))
+        context = self.context_norm(torch.stack([sigma_emb, self.text_proj(text_emb)], dim=1))
+        for block in self.blocks:
+            x = block(x, context, grid)
+        x = self.patch_out(self.norm_out(x))
+        return rearrange(x, 'b (h w) (c p1 p2) -> b c (h p1) (w p2)', h=grid[0], p1=self.p,
+                         p2=self.p)
+
+
+def bench_reference(peaks):
+    """Denoiser against PlainDenoiser on the small config, in one run, interleaved: a training
+    step (forward, MSE, backward, AdamW) of batch_size images, and the sampling loop of 16 images
+    × 15 guided steps (a forward of 32 each). Ratios > 1: the Denoiser is faster."""
+    B, steps, rows = batch_size, 15, []
+    x, sigma = torch.randn(B, 4, 32, 32, device=device), torch.rand(B, device=device)
+    text = torch.randn(B, 768, device=device)
+    nets = {'plain': PlainDenoiser(**MODEL_CONFIGS['small']),
+            'cross': Denoiser(**MODEL_CONFIGS['small']),
+            'adaln': Denoiser(**MODEL_CONFIGS['small'], conditioning='adaln')}
+    for dtype in ('float32', 'bfloat16'):
+        def train_step(net, opt):
+            with autocast(device, dtype):
+                loss = (net(x, sigma, text).float() - x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def sample(net):
+            denoise = guided_denoiser(net, text[:16], cfg=7.0)
+            with autocast(device, dtype):
+                sample_dpmpp_2m(denoise, x[:16], sigma_schedule(steps))
+        times = {k: [] for k in nets}
+        opts = {k: torch.optim.AdamW(n.to(device).parameters(), lr=1e-4) for k, n in nets.items()}
+        for _ in range(rounds):  # interleaved, so a busy moment hits every model alike
+            for k, net in nets.items():
+                times[k].append((timeit(lambda: train_step(net.train(), opts[k]), n=1, warmup=1),
+                                 timeit(lambda: sample(net.eval()), n=1, warmup=0)))
+        med = {k: [sorted(t[i] for t in v)[len(v) // 2] for i in (0, 1)] for k, v in times.items()}
+        flops = count_flops(lambda: nets['plain'](x, sigma, text).sum().backward()) / B
+        peak = peaks[PTDTYPES[dtype]]
+        for k in nets:
+            tr, sa = med[k]
+            rows.append([k, dtype, f"{B / tr:.1f}", f"{med['plain'][0] / tr:.2f}x",
+                         f"{flops * B / tr / peak:.0%}", f"{sa:.2f}",
+                         f"{med['plain'][1] / sa:.2f}x"])
+            print('  ' + ' '.join(rows[-1]), flush=True)
+    print_table('reference: Denoiser vs a plain implementation (small config, medians of '
+                f'{rounds} interleaved rounds)',
+                ['model', 'dtype', 'train img/s', 'vs plain', 'train % peak', 'sample s',
+                 'vs plain'], rows)
+
 if __name__ == '__main__':
     torch.set_float32_matmul_precision('high')  # TF32 on GPUs, as train.py does
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    peaks = bench_peak() if wanted('peak') or wanted('model') or wanted('sample') else None
+    peaks = bench_peak() if any(map(wanted, ('peak', 'reference', 'model', 'sample'))) else None
+    if wanted('reference'):
+        bench_reference(peaks)
     if wanted('model'):
         bench_model(peaks)
     if wanted('samplers'):

@@ -16,16 +16,23 @@ and then reads its settings as plain module globals. The arguments are applied i
 - `--key v1 v2 ...` gives a list; `--flag` alone sets a bool to True.
 - A `None` default accepts any value; an int is accepted for a float; anything else must match the
   default's type. Unknown keys and wrong types are one-line errors naming the key.
+
+Scripts report bad input with fail(message): "error: message" on stderr, exit status 1, no
+traceback.
 """
 import ast
 import difflib
-import sys
 
 CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 
 
 class ConfigError(ValueError):
     pass
+
+
+def fail(message):
+    """Bad input: one line, "error: <message>", on stderr and exit status 1 (a SystemExit)."""
+    raise SystemExit(f"error: {message}")
 
 
 def config_keys(namespace):
@@ -94,8 +101,9 @@ def configure(namespace, argv, exit_on_error=True):
                 if type(default) is not bool:
                     raise ConfigError(f"config key '{key}' needs a value")
                 value = True
-            elif len(values) == 1 and (type(default) not in (tuple, list) or type(values[0]) in (tuple, list)):
-                value = values[0]  # --size 64, or --eval_sigmas="(0.1, 0.5)" given as one literal
+            elif len(values) == 1 and (type(default) not in (tuple, list)
+                                       or type(values[0]) in (tuple, list)):
+                value = values[0]  # --size 64, or --eval_sigmas="(0.1, 0.5)" as one literal
             else:
                 value = values
             if type(default) is str and isinstance(value, list):
@@ -104,7 +112,7 @@ def configure(namespace, argv, exit_on_error=True):
     except ConfigError as e:
         if not exit_on_error:
             raise
-        sys.exit(f"error: {e}")
+        fail(e)
     return {k: namespace[k] for k in keys}
 
 

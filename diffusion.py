@@ -4,7 +4,8 @@ a denoiser is any function D(x, σ) -> x0 estimate.
 
 Forward process (add_noise):          x_σ = (1-σ)·x0 + σ·ε,   ε ~ N(0, I),  σ ∈ [0, 1]
 Training (training_loss):             σ ~ Beta(a, b),  loss = ‖D(x_σ, σ, text) - x0‖²
-Guidance (guided_denoiser):           D = g·D(x, σ, text) + (1-g)·D(x, σ, ∅)   (generate: at σ > cfg_min_sigma)
+Guidance (guided_denoiser):           D = g·D(x, σ, text) + (1-g)·D(x, σ, ∅)
+                                      (generate: at σ > cfg_min_sigma)
 Samplers, with α = 1-σ, λ = log(α/σ), h = λ_next - λ:
   DDIM (sample_ddim):                 x_next = ((σ - σ_next)·D + σ_next·x) / σ
   DPM-Solver++(2M) (sample_dpmpp_2m): x_next = (σ_next/σ)·x + α_next·(1 - e^{-h})·D',
@@ -40,15 +41,33 @@ def drop_text(text_emb, p_uncond):
     return text_emb * keep.to(text_emb.dtype)
 
 
-def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, cond=None, weight=None):
-    """MSE between the model's x0 prediction and x0, at σ ~ Beta(a, b), with CFG dropout.
-    weight (B, 1|C, H, W), optional: where the loss counts (the region to fill when outpainting)."""
+def noise_text(text_emb, scale):
+    """Conditioning augmentation: e + scale·‖e‖·ε/√D, noise of norm about scale·‖e‖, so the model
+    learns a neighbourhood of each caption's embedding rather than the point."""
+    if not scale:
+        return text_emb
+    norm = text_emb.norm(dim=-1, keepdim=True) / text_emb.shape[-1] ** 0.5
+    return text_emb + scale * norm * torch.randn_like(text_emb)
+
+
+OBJECTIVES = ('x0', 'v')
+
+
+def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, cond=None,
+                  weight=None, objective='x0', text_noise=0.0):
+    """The mean squared error of the model's x0 prediction at σ ~ Beta(a, b), with CFG dropout.
+    objective 'x0' weighs every σ alike (the reference); 'v', for a model that predicts v, is
+    rectified flow's velocity loss ‖v̂ - v‖², v = ε - x0, which equals the x0 error / σ².
+    weight (B, 1|C, H, W), optional: where the loss counts (outpainting)."""
     sigma = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device)
     x_t = add_noise(x0, sigma, torch.randn_like(x0))
-    pred = model(x_t, sigma, drop_text(text_emb, p_uncond), cond=cond)
+    text = drop_text(noise_text(text_emb, text_noise), p_uncond)
+    err = (model(x_t, sigma, text, cond=cond).float() - x0.float()) ** 2  # (B, C, H, W)
+    if objective == 'v':
+        err = err / sigma.clamp(min=1e-3).square().view(-1, 1, 1, 1)
     if weight is None:
-        return F.mse_loss(pred.float(), x0.float())
-    err = (pred.float() - x0.float()) ** 2 * weight
+        return err.mean()
+    err = err * weight
     return err.sum() / (weight.expand_as(err).sum() + 1e-8)
 
 
@@ -125,16 +144,18 @@ SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m}
 
 @torch.no_grad()
 def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, noise=None,
-             generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=1.5, cfg_min_sigma=0.0):
+             generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=1.5,
+             cfg_min_sigma=0.0):
     """Sample x0 for each text embedding (B, D_text), starting from x = σ_max·ε.
     shape (C, H, W) defaults to the model's trained input; pass noise to fix it, or a
     torch.Generator to make it reproducible.
-    cfg_min_sigma limits guidance to an interval (Kynkäänniemi et al. 2024): the steps from σ > cfg_min_sigma
-    are guided, the rest use the conditional model alone. By then the shape is settled, and cond - uncond
-    holds little but the model's small errors, which a scale g > 1 amplifies into visible artefacts.
-    Inpainting/outpainting (a model with cond_channels = C+1): known (B, C, H, W) is the clean image,
-    mask (B, 1, H, W) is 1 where to generate. The model sees both, and the known region of every
-    x0 prediction is replaced by the known image, so the output keeps it exactly."""
+    cfg_min_sigma limits guidance to an interval (Kynkäänniemi et al. 2024): the steps from
+    σ > cfg_min_sigma are guided, the rest use the conditional model alone. By then the shape is
+    settled, and cond - uncond holds little but the model's small errors, which a scale g > 1
+    amplifies into visible artefacts.
+    Inpainting/outpainting (a model with cond_channels = C+1): known (B, C, H, W) is the clean
+    image, mask (B, 1, H, W) is 1 where to generate. The model sees both, and the known region of
+    every x0 prediction is replaced by the known image, so the output keeps it exactly."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}', expected one of {sorted(SAMPLERS)}")
     B = text_emb.shape[0]
@@ -151,7 +172,7 @@ def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, 
 
     sigmas = sigma_schedule(steps, sigma_max, rho)
     # two solves, one per denoiser, so that DPM-Solver++(2M) never extrapolates across the switch
-    # (from a guided prediction to an unguided one); the interval only limits guidance that amplifies
+    # (from a guided prediction to an unguided one); only amplifying guidance, cfg > 1, is limited
     n_guided = sum(s > cfg_min_sigma for s in sigmas[:-1]) if cfg > 1 else steps
     x = SAMPLERS[sampler](denoiser(cfg), sigma_max * noise.float(), sigmas[:n_guided + 1])
     return SAMPLERS[sampler](denoiser(1.0), x, sigmas[n_guided:])
@@ -174,7 +195,8 @@ def masked_input(known, mask):
 
 def make_mask(mode, H, W, frac=0.5, box=None):
     """One (1, H, W) mask. 'left'/'right'/'up'/'down': generate that side (frac of the image);
-    'border': keep the centre, generate a frame frac/2 wide on each side; 'box': generate box=(y0, x0, y1, x1)."""
+    'border': keep the centre, generate a frame frac/2 wide on each side; 'box': generate
+    box=(y0, x0, y1, x1)."""
     m = torch.zeros(1, H, W)
     h, w = round(H * frac), round(W * frac)
     if mode == 'left':
@@ -224,8 +246,8 @@ def slerp(a, b, t):
     omega = torch.acos(cos)[:, None]
     so = torch.sin(omega)
     lerp = (1 - t) * a_flat + t * b_flat
-    out = torch.where(so > 1e-6, (torch.sin((1 - t) * omega) * a_flat + torch.sin(t * omega) * b_flat)
-                      / so.clamp_min(1e-6), lerp)
+    arc = torch.sin((1 - t) * omega) * a_flat + torch.sin(t * omega) * b_flat
+    out = torch.where(so > 1e-6, arc / so.clamp_min(1e-6), lerp)
     return out.view_as(a).to(a.dtype)
 
 

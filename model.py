@@ -1,13 +1,21 @@
 """
-The transformer denoiser, and the frozen encoders around it.
+The transformer denoiser and its checkpoints.
 
     model = Denoiser(n_channels=4, image_size=32, patch_size=2, embed_dim=768, n_layers=12,
                      text_emb_size=768)
     x0_pred = model(x_t, sigma, text_emb)   # (B, C, H, W), (B,), (B, D_text) -> (B, C, H, W)
 
-The denoiser predicts the clean image x0 from x_t = (1-σ)·x0 + σ·ε (see diffusion.py).
-Each block: self-attention over the image tokens, cross-attention to a 2-token context
-[noise embedding, text embedding], and an MLP with a depthwise 3×3 conv on the token grid.
+The denoiser predicts the clean image x0 from x_t = (1-σ)·x0 + σ·ε (see diffusion.py). A block is
+self-attention over the image tokens, then the conditioning, then an MLP with a depthwise 3×3 conv
+on the token grid (LocalViT's FFN). The conditioning is chosen by `conditioning`:
+
+    'cross'  the reference design: cross-attention to a short context, LayerNorm([σ token, text
+             token(s)]); text_tokens > 1 maps the pooled text to that many tokens with a small MLP
+    'adaln'  adaLN-Zero (DiT): σ and text give each block a shift, scale and gate around its
+             attention and MLP, zero-initialised so every block starts as the identity
+
+text_prior adds the text, mapped straight to a token grid, to the input tokens: a per-position
+picture of what the caption should look like, cheap to learn.
 """
 import contextlib
 import math
@@ -18,6 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+CONDITIONINGS = ('cross', 'adaln')
+PREDICTIONS = ('x0', 'v')  # what the network outputs; forward() always returns the x0 estimate
+
 
 def _pair(size):
     return (size, size) if isinstance(size, int) else tuple(size)
@@ -27,13 +38,23 @@ def sinusoidal_embedding(sigma, dim, max_period=10_000.0):
     """σ (B,) in [0, 1] -> (B, dim) sin/cos features at geometric frequencies."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=sigma.device) / half)
-    angles = 1000.0 * sigma.float()[:, None] * freqs[None]  # σ·1000 so small σ still moves the angles
+    angles = 1000.0 * sigma.float()[:, None] * freqs[None]  # ×1000: small σ still turns the angles
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def attention(q, k, v, dropout=0.0):
+    """softmax(q·kᵀ/√d)·v over (B, h, N, d) queries and (B, h, L, d) keys and values. SDPA's
+    kernel wins on GPUs, in fp32 and for sampling; under CPU bf16 autocast its backward is slower
+    than two plain matmuls and a softmax, so CPU training in bf16 takes the plain path."""
+    if q.is_cuda or not (torch.is_autocast_enabled('cpu') and torch.is_grad_enabled()):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # flash attention go brrr
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, h, N, L)
+    return F.dropout(attn.softmax(dim=-1), dropout) @ v
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection. As in the reference model there is no
-    output projection: heads are concatenated into the residual and the MLP that follows mixes them."""
+    """Multi-head self-attention with a fused QKV projection. As in the reference model there is
+    no output projection: the heads go into the residual and the MLP that follows mixes them."""
 
     def __init__(self, dim, head_dim, dropout):
         super().__init__()
@@ -42,20 +63,17 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x):  # (B, N, D)
-        q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.n_heads)
-        dropout = self.dropout if self.training else 0.0
-        if x.is_cuda:  # flash attention make GPU go brrrrr
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, h, N, hd)
-        else:  # on CPU, two bf16 matmuls and a softmax beat SDPA's kernel ~1.6x (bench.py)
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, h, N, N)
-            y = F.dropout(attn.softmax(dim=-1), dropout, self.training) @ v
+        q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3,
+                            h=self.n_heads)
+        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, h, N, hd)
         return rearrange(y, 'b h n d -> b n (h d)')
 
 
 class CrossAttention(nn.Module):
-    """Image tokens attend to a short context (here 2 tokens: noise level and text).
-    With so few keys, the softmax is done with plain tensor ops: SDPA's CPU kernels are slow
-    for this shape, in bf16 above all (see ../shared/PERF.md)."""
+    """Image tokens attend to a short context (B, L, D). For L = 2, the reference's [σ, text],
+    softmax over two keys is a sigmoid of the score difference, so the attention becomes
+        y = v1 + sigmoid(q·(k0 - k1)·s)·(v0 - v1),   q·(k0 - k1) = x·(Wqᵀ(k0 - k1))
+    one (B, N, D) × (B, D, h) matmul instead of four attention kernels."""
 
     def __init__(self, dim, head_dim, dropout):
         super().__init__()
@@ -63,13 +81,21 @@ class CrossAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x, context):  # x (B, N, D), context (B, L, D)
-        q = rearrange(self.q(x), 'b n (h d) -> b h n d', h=self.n_heads)
-        k, v = rearrange(self.kv(context), 'b l (two h d) -> two b h l d', two=2, h=self.n_heads)
-        attn = (q @ (k.transpose(-1, -2) * self.scale)).softmax(dim=-1)  # (B, h, N, L)
-        y = self.dropout(attn) @ v  # (B, h, N, hd)
+        h = self.n_heads
+        if context.shape[1] == 2 and not (self.training and self.dropout):
+            k, v = rearrange(self.kv(context), 'b l (two h d) -> two b l h d', two=2, h=h)
+            dk, dv = (k[:, 0] - k[:, 1]) * self.scale, v[:, 0] - v[:, 1]  # (B, h, hd)
+            wq = rearrange(self.q.weight, '(h d) c -> h d c', h=h).to(dk.dtype)  # (h, hd, D)
+            u = torch.einsum('bhd,hdc->bch', dk, wq)  # (B, D, h)
+            w = torch.sigmoid(x @ u.to(x.dtype))  # (B, N, h): the weight of key 0
+            y = v[:, 1, None] + w[..., None] * dv[:, None]  # (B, N, h, hd)
+            return y.flatten(2)
+        q = rearrange(self.q(x), 'b n (h d) -> b h n d', h=h)
+        k, v = rearrange(self.kv(context), 'b l (two h d) -> two b h l d', two=2, h=h)
+        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, h, N, hd)
         return rearrange(y, 'b h n d -> b n (h d)')
 
 
@@ -89,71 +115,119 @@ class ConvMLP(nn.Module):
     def forward(self, x, grid):  # (B, N, D)
         B, N, _ = x.shape
         h = self.fc1(x)  # (B, N, mD)
-        h = h.view(B, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (B, mD, H, W), channels-last strides
+        h = h.view(B, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (B, mD, H, W), channels-last
         h = self.dwconv(h).permute(0, 2, 3, 1).reshape(B, N, -1)  # back to (B, N, mD), a view
         return self.dropout(self.fc2(F.gelu(h)))
 
 
+def modulate(x, shift, scale):
+    """adaLN: x·(1 + scale) + shift, per sample; x (B, N, D), shift and scale (B, 1, D)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
 class Block(nn.Module):
-    def __init__(self, dim, head_dim, mlp_multiplier, dropout):
+    def __init__(self, dim, head_dim, mlp_multiplier, dropout, conditioning):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.adaln = conditioning == 'adaln'
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=not self.adaln)
         self.attn = SelfAttention(dim, head_dim, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.cross = CrossAttention(dim, head_dim, dropout)
-        self.norm3 = nn.LayerNorm(dim)
+        if self.adaln:  # shift, scale, gate for the attention and for the MLP, from (σ, text)
+            self.modulation = nn.Linear(dim, 6 * dim)
+            nn.init.zeros_(self.modulation.weight)  # adaLN-Zero: each block starts as the identity
+            nn.init.zeros_(self.modulation.bias)
+        else:
+            self.norm2 = nn.LayerNorm(dim)
+            self.cross = CrossAttention(dim, head_dim, dropout)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=not self.adaln)
         self.mlp = ConvMLP(dim, mlp_multiplier, dropout)
 
-    def forward(self, x, context, grid):
-        x = x + self.attn(self.norm1(x))
-        x = x + self.cross(self.norm2(x), context)
-        x = x + self.mlp(self.norm3(x), grid)
-        return x
+    def forward(self, x, cond, grid):  # x (B, N, D); cond: context (B, L, D) or adaLN input (B, D)
+        if not self.adaln:
+            x = x + self.attn(self.norm1(x))
+            x = x + self.cross(self.norm2(x), cond)
+            return x + self.mlp(self.norm3(x), grid)
+        s1, c1, g1, s2, c2, g2 = self.modulation(cond)[:, None].chunk(6, dim=-1)  # (B, 1, D)
+        x = torch.addcmul(x, g1, self.attn(modulate(self.norm1(x), s1, c1)))
+        return torch.addcmul(x, g2, self.mlp(modulate(self.norm3(x), s2, c2), grid))
 
 
 class Denoiser(nn.Module):
     def __init__(self, n_channels=4, image_size=32, patch_size=2, embed_dim=768, n_layers=12,
-                 mlp_multiplier=4, head_dim=64, dropout=0.0, text_emb_size=768, cond_channels=0):
+                 mlp_multiplier=4, head_dim=64, dropout=0.0, text_emb_size=768, cond_channels=0,
+                 conditioning='cross', text_tokens=1, text_prior=0, prediction='x0'):
         super().__init__()
         if embed_dim % head_dim:
             raise ValueError(f"embed_dim={embed_dim} must be a multiple of head_dim={head_dim}")
         H, W = _pair(image_size)
         if H % patch_size or W % patch_size:
             raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         self.n_channels, self.cond_channels, self.patch_size = n_channels, cond_channels, patch_size
-        # (c p1 p2) order: the inputs of extra channels are appended after those of the image,
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.conditioning, self.prediction, D = conditioning, prediction, embed_dim
+        # (c p1 p2) order: the inputs of extra channels come after those of the image,
         # which is what lets widen_input() add channels without touching the old weights
-        self.patch_in = nn.Linear((n_channels + cond_channels) * patch_size ** 2, embed_dim)
-        self.pos_emb = nn.Parameter(torch.randn(1, H // patch_size, W // patch_size, embed_dim) * 0.02)
-        self.sigma_mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(),
-                                       nn.Linear(embed_dim, embed_dim))
-        self.text_proj = nn.Linear(text_emb_size, embed_dim)
-        self.context_norm = nn.LayerNorm(embed_dim)
-        self.blocks = nn.ModuleList(Block(embed_dim, head_dim, mlp_multiplier, dropout)
+        self.patch_in = nn.Linear((n_channels + cond_channels) * patch_size ** 2, D)
+        self.pos_emb = nn.Parameter(torch.randn(1, H // patch_size, W // patch_size, D) * 0.02)
+        self.sigma_mlp = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
+        if conditioning == 'cross' and text_tokens == 1:
+            self.text_proj = nn.Linear(text_emb_size, D)  # the reference: one linear text token
+        else:  # a small MLP: a nonlinear text code, or text_tokens of them
+            k = text_tokens if conditioning == 'cross' else 1
+            self.text_proj = nn.Sequential(nn.Linear(text_emb_size, D), nn.GELU(),
+                                           nn.Linear(D, k * D))
+        if conditioning == 'cross':
+            self.context_norm = nn.LayerNorm(D)
+        if text_prior:  # caption -> (grid, text_prior) -> D per position, zero at the start
+            self.prior_in = nn.Linear(text_emb_size, self.pos_emb.shape[1] * self.pos_emb.shape[2]
+                                      * text_prior)
+            self.prior_out = nn.Linear(text_prior, D, bias=False)
+            nn.init.zeros_(self.prior_out.weight)
+        self.blocks = nn.ModuleList(Block(D, head_dim, mlp_multiplier, dropout, conditioning)
                                     for _ in range(n_layers))
-        self.norm_out = nn.LayerNorm(embed_dim)
-        self.patch_out = nn.Linear(embed_dim, n_channels * patch_size ** 2)
+        self.norm_out = nn.LayerNorm(D)
+        self.patch_out = nn.Linear(D, n_channels * patch_size ** 2)
 
     def forward(self, x, sigma, text_emb, cond=None):
         """x (B, C, H, W) noisy input, sigma (B,), text_emb (B, D_text),
         cond (B, cond_channels, H, W) extra inputs (masked image and mask for outpainting).
         Returns the x0 prediction, (B, C, H, W)."""
+        x_t = x
         if cond is not None:
             x = torch.cat([x, cond], dim=1)  # (B, C + Cc, H, W)
         p = self.patch_size
         grid = (x.shape[2] // p, x.shape[3] // p)
         tokens = rearrange(x, 'b c (h p1) (w p2) -> b h w (c p1 p2)', p1=p, p2=p)
         tokens = self.patch_in(tokens) + self.positional_table(grid)  # (B, h, w, D)
+        if hasattr(self, 'prior_in'):
+            tokens = tokens + self.text_prior(text_emb, grid)
         tokens = tokens.flatten(1, 2)  # (B, N, D)
 
-        sigma_emb = self.sigma_mlp(sinusoidal_embedding(sigma, tokens.shape[-1]).to(tokens.dtype))
-        context = self.context_norm(torch.stack([sigma_emb, self.text_proj(text_emb)], dim=1))  # (B, 2, D)
-
+        D = tokens.shape[-1]
+        sigma_emb = self.sigma_mlp(sinusoidal_embedding(sigma, D).to(tokens.dtype))  # (B, D)
+        text = self.text_proj(text_emb).view(len(text_emb), -1, D)  # (B, K, D)
+        if self.conditioning == 'adaln':
+            cond_vec = F.silu(sigma_emb + text[:, 0])  # (B, D), the input of every modulation
+        else:
+            cond_vec = self.context_norm(torch.cat([sigma_emb[:, None], text], 1))  # (B, 1+K, D)
         for block in self.blocks:
-            tokens = block(tokens, context, grid)
+            tokens = block(tokens, cond_vec, grid)
 
         out = self.patch_out(self.norm_out(tokens))  # (B, N, C·p·p)
-        return rearrange(out, 'b (h w) (c p1 p2) -> b c (h p1) (w p2)', h=grid[0], p1=p, p2=p)
+        out = rearrange(out, 'b (h w) (c p1 p2) -> b c (h p1) (w p2)', h=grid[0], p1=p, p2=p)
+        if self.prediction == 'v':  # v = ε - x0 and x_t = x0 + σ·v
+            return x_t.float() - sigma.float().view(-1, 1, 1, 1) * out.float()
+        return out
+
+    def text_prior(self, text_emb, grid):
+        """(B, D_text) -> (B, h, w, D): the caption's own per-position offset of the tokens."""
+        g0 = self.pos_emb.shape[1:3]
+        prior = self.prior_in(text_emb).view(len(text_emb), *g0, -1)  # (B, h0, w0, r)
+        if tuple(grid) != tuple(g0):
+            prior = resize_positional_table(prior, grid)
+        return self.prior_out(prior)
 
     def positional_table(self, grid):
         """The (1, h, w, D) positional table for a token grid, resized bilinearly when the grid
@@ -188,10 +262,11 @@ class Denoiser(nn.Module):
 
 
 def resize_positional_table(table, grid):
-    """(1, h, w, D) -> (1, *grid, D), bilinear on the 2-D grid. The same size returns the same values."""
-    t = rearrange(table, '1 h w d -> 1 d h w')
+    """(B, h, w, D) -> (B, *grid, D), bilinear on the 2-D grid. The same size returns the same
+    values."""
+    t = rearrange(table, 'b h w d -> b d h w')
     t = F.interpolate(t.float(), size=tuple(grid), mode='bilinear', align_corners=False)
-    return rearrange(t, '1 d h w -> 1 h w d').to(table.dtype)
+    return rearrange(t, 'b d h w -> b h w d').to(table.dtype)
 
 
 # ----- precision -----
@@ -200,13 +275,16 @@ PTDTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': tor
 
 
 def resolve_dtype(dtype, device):
-    """'auto' -> the fastest dtype for the device: bf16 on GPUs that have it (Ampere on) and on CPUs with
-    native bf16 matmuls (AVX512-bf16: ~2x fp32 on the dev machines), where elsewhere it is emulated and slow."""
+    """'auto' -> the fastest dtype for the device. GPUs: bf16 from compute capability 8 (Ampere) on,
+    else fp16 (with a GradScaler in training); torch.cuda.is_bf16_supported() would say yes to a T4
+    or V100 too, which only emulate bf16, slowly. CPUs: bf16 where matmuls have it natively
+    (AVX512-bf16, ~2x fp32), else fp32, as emulated bf16 is slow there too."""
     if dtype != 'auto':
         return dtype
-    if torch.device(device).type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    if torch.device(device).type == 'cpu' and getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)():
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
+    if device.type == 'cpu' and getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)():
         return 'bfloat16'
     return 'float32'
 

@@ -4,17 +4,21 @@ Train the denoiser on the latents and text embeddings that prepare.py wrote.
 One process (a CPU, or one GPU):
     python train.py config/tiny.py                      # the emoji demo: ~10 minutes on 2 CPU cores
     python train.py config/base.py                      # the ~101M model on one GPU
-    python train.py config/tiny.py --init_from=resume   # go on exactly where out_dir/ckpt.pt stopped
+    python train.py config/tiny.py --init_from=resume   # go on exactly where out_dir/ckpt.pt ended
 
 torchrun on one node, 2 GPUs (or 2 CPU processes, which use gloo):
     torchrun --standalone --nproc_per_node=2 train.py config/base.py
 
-torchrun on two nodes with 8 GPUs each; run one line on each node. gradient_accumulation_steps is
-the total over all processes, so it must divide by 16 (prepend NCCL_IB_DISABLE=1 without Infiniband):
-    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \
-        train.py config/base.py --batch_size=16 --gradient_accumulation_steps=16
-    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.1 --master_port=29500 \
-        train.py config/base.py --batch_size=16 --gradient_accumulation_steps=16
+torchrun on two nodes with 8 GPUs each; run one line on each node (prepend NCCL_IB_DISABLE=1
+without Infiniband). out_dir and data_dir must be on a filesystem that all nodes share, or the data
+copied to each node at the same path with out_dir shared: every rank reads the data, rank 0 writes.
+    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 \
+        --master_port=29500 train.py config/base.py
+    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.1 \
+        --master_port=29500 train.py config/base.py
+
+The global batch, batch_size * gradient_accumulation_steps, is the same on any number of processes:
+with fewer micro-steps than processes, the micro-batch is split (the first log line says how).
 """
 import copy
 import math
@@ -23,7 +27,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -32,14 +36,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 from configurator import configure
-from diffusion import add_noise, generate, make_mask, masked_input, random_masks, training_loss, trained_size
-from model import PTDTYPES, Denoiser, denoiser_from_checkpoint, load_checkpoint, resolve_dtype
+from dataset import load_prepared
+from diffusion import (add_noise, generate, make_mask, masked_input, random_masks, trained_size,
+                       training_loss)
+from model import (PTDTYPES, Denoiser, autocast, denoiser_from_checkpoint, load_checkpoint,
+                   resolve_dtype)
 
 # -----------------------------------------------------------------------------
 # default config values, for the ~101M model on one GPU; config/*.py and --key=value override them
 # I/O
 out_dir = 'out'
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path to fine-tune from
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint to fine-tune from
 eval_interval = 1000  # iters between val losses and sample grids
 ckpt_interval = 1000  # iters between checkpoints (one is also written at the end and on Ctrl-C)
 log_interval = 10
@@ -49,8 +56,8 @@ wandb_project = 'nanotld'
 wandb_run_name = 'run'
 # data
 data_dir = 'data/prepared/emoji32'  # prepare.py's output
-batch_size = 64  # per process and micro-step
-gradient_accumulation_steps = 1  # in total over all processes: the global batch is batch_size * this
+batch_size = 64  # rows a micro-step: the global batch is batch_size * gradient_accumulation_steps
+gradient_accumulation_steps = 1  # micro-steps in total over all processes (see the docstring)
 # model (the image size, channels and text width come from the data)
 patch_size = 2
 embed_dim = 768
@@ -59,10 +66,15 @@ mlp_multiplier = 4
 head_dim = 64
 dropout = 0.0
 outpaint = False  # add the masked image and the mask as inputs, and learn to fill the masked region
+conditioning = 'cross'  # 'cross' (the reference: cross-attention to [σ, text]) or 'adaln'
+text_tokens = 1  # 'cross': the pooled text as this many context tokens (> 1: through a small MLP)
+text_prior = 0  # > 0: the text mapped to a token grid of this width, added to the input tokens
+prediction = 'x0'  # what the network outputs, 'x0' (the reference) or 'v' (ε - x0)
 # diffusion
 beta_a = 1.0  # training noise levels σ ~ Beta(beta_a, beta_b)
 beta_b = 2.5
 p_uncond = 0.15  # how often the text is dropped to ∅ = 0, for classifier-free guidance
+text_noise = 0.0  # conditioning augmentation: noise of this relative norm on the text embedding
 # AdamW optimizer
 learning_rate = 3e-4
 max_iters = 100_000
@@ -79,9 +91,9 @@ ema_decay = 0.999
 ema_warmup = 10  # decay at iter t is min(ema_decay, (1+t)/(ema_warmup+t)): a short average at first
 # evaluation
 eval_samples = 512  # val rows in the val loss
-eval_sigmas = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels, so val losses compare across iters and runs
+eval_sigmas = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels: val losses compare across runs
 n_sample = 16  # val captions in the sample grid
-sample_prompts = ()  # or your own prompts for the grid (text-to-image only), encoded once at the start
+sample_prompts = ()  # or your own prompts for the grid (text-to-image only), encoded at the start
 sample_cfg = 5.0
 sample_cfg_min_sigma = 0.2  # guide only the steps from σ > this, as sample.py does
 sample_steps = 20
@@ -89,44 +101,81 @@ sample_steps = 20
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # or 'cpu', 'cuda:1', ...
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 where the hardware has it, see below
-compile = False  # torch.compile: a win on GPUs, a loss on CPUs (../shared/PERF.md)
+compile = False  # torch.compile: a win on GPUs, a loss on CPUs (README, Precision)
+ddp_timeout_minutes = 30  # how long a rank waits for the others (rank 0 evaluates alone)
 # -----------------------------------------------------------------------------
-config = configure(globals(), sys.argv[1:])  # the settings as given: logged and saved in checkpoints
+config = configure(globals(), sys.argv[1:])  # the settings as given: logged, saved in checkpoints
 # -----------------------------------------------------------------------------
 
 # DDP and device setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun process?
-if ddp:
-    ddp_rank = int(os.environ['RANK'])
-    ddp_local_rank = int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
-    if device.startswith('cuda'):
-        device = f'cuda:{ddp_local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    if gradient_accumulation_steps % ddp_world_size:
-        sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} is the total over all "
-                 f"processes and must be divisible by the {ddp_world_size} processes")
-    gradient_accumulation_steps //= ddp_world_size
-else:
-    ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+ddp_rank = int(os.environ.get('RANK', 0))
+ddp_local_rank = int(os.environ.get('LOCAL_RANK', 0))
+ddp_world_size = int(os.environ.get('WORLD_SIZE', 1))
 master_process = ddp_rank == 0  # logs, evaluates and writes the checkpoints
-global_batch = batch_size * gradient_accumulation_steps * ddp_world_size
-torch.manual_seed(seed + ddp_rank)  # noise levels, noise, CFG dropout and masks differ per rank
+
+
+def fail(message):
+    """A setting that every rank finds wrong alike: one line from rank 0, exit status 1 from all."""
+    sys.exit(message if master_process else 1)
+
+
+def split_global_batch(rows, world_size, accum_steps):
+    """(micro-batch, micro-steps) of each process for a global batch of rows: the fewest
+    micro-steps, at least accum_steps / world_size, whose micro-batches split it evenly over the
+    processes; so a micro-batch never outgrows batch_size. None when no split is even."""
+    for steps in range(math.ceil(accum_steps / world_size), rows // world_size + 1):
+        if rows % (world_size * steps) == 0:
+            return rows // (world_size * steps), steps
+    return None
+
+
+global_batch = batch_size * gradient_accumulation_steps  # rows a step, however many processes
+split = split_global_batch(global_batch, ddp_world_size, gradient_accumulation_steps)
+if split is None:  # checked before the process group starts, so that no rank waits for another
+    fail(f"error: the global batch batch_size * gradient_accumulation_steps = {batch_size} * "
+         f"{gradient_accumulation_steps} = {global_batch} rows does not split evenly over "
+         f"{ddp_world_size} processes; make it a multiple of {ddp_world_size}")
+micro_batch, micro_steps = split  # each process: micro_steps micro-batches of micro_batch rows
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if device_type == 'cuda':  # one GPU per process, its index explicit: for 'cuda' ops and its RNG
+    index = ddp_local_rank if ddp else torch.device(device).index
+    device = f'cuda:{torch.cuda.current_device() if index is None else index}'
+    torch.cuda.set_device(device)
+torch.manual_seed(seed + ddp_rank)  # noise levels, noise, CFG dropout and masks differ per rank
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-dtype = resolve_dtype(dtype, device)  # auto: bf16 where the hardware has it, fp16 + GradScaler on older GPUs
+dtype = resolve_dtype(dtype, device)  # auto: bf16 where native, fp16 + GradScaler on older GPUs
 if dtype not in PTDTYPES:
-    sys.exit(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    fail(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 if not 0 <= sample_cfg_min_sigma < 1:
-    sys.exit(f"error: sample_cfg_min_sigma must be in [0, 1), the noise level below which guidance is off, "
-             f"got {sample_cfg_min_sigma}")
-ptdtype = PTDTYPES[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+    fail(f"error: sample_cfg_min_sigma must be in [0, 1), the noise level below which guidance is "
+         f"off, got {sample_cfg_min_sigma}")
+if ddp:
+    # rank 0 evaluates and samples alone while the others wait in the next collective: the first
+    # sample grid may download a VAE, so the wait may be long, longer than NCCL's 10-minute default
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo',
+                            timeout=timedelta(minutes=ddp_timeout_minutes),
+                            device_id=torch.device(device) if device_type == 'cuda' else None)
+ctx = autocast(device, dtype)  # none for float32
+
+
+def rng_state():
+    """This process's random state: the CPU generator's and that of its own GPU."""
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if device_type == 'cuda' and state['cuda'] is not None:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from != 'resume' and os.path.exists(ckpt_path):  # never overwrite a run by accident
-    sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or choose another --out_dir")
+    sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or choose another "
+             f"--out_dir")
 if master_process:
     os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
 
@@ -136,9 +185,9 @@ if master_process and data_dir == 'data/prepared/emoji32' and not os.path.exists
     prepare.prepare(source='emoji')  # so that a fresh clone trains with one command
 if ddp:
     dist.barrier()  # the other ranks wait for the data
-data = prepare.load_prepared(data_dir)  # a missing or inconsistent file is a one-line error
+data = load_prepared(data_dir)  # a missing or inconsistent file is a one-line error
 meta = data.meta
-scale_factor = float(meta['scale_factor'])  # model space = latents * scale_factor (about unit variance)
+scale_factor = float(meta['scale_factor'])  # model space = latents * scale_factor (~unit variance)
 n_channels, H, W = meta['latent_shape']
 n_train, n_val = len(data.latents), len(data.val_latents)
 cond_channels = n_channels + 1 if outpaint else 0  # masked image + mask
@@ -169,23 +218,33 @@ def get_batch(rows, micro_step):
     Micro-batch k of the global batch goes to micro-step k // world_size on rank k % world_size,
     so 2 ranks × 1 micro-step train on the same rows as 1 rank × 2 micro-steps."""
     k = micro_step * ddp_world_size + ddp_rank
-    idx = np.sort(rows[k * batch_size:(k + 1) * batch_size].numpy())  # sorted reads are kinder to a memmap
+    idx = np.sort(rows[k * micro_batch:(k + 1) * micro_batch].numpy())  # sorted: kinder to a memmap
     return load_rows(data.latents, data.text_emb, idx)
 
 
 def load_rows(latents, text_emb, idx):
-    x0 = data.to_tensor(latents[idx], device) * scale_factor  # (B, C, H, W)
-    return x0, data.to_tensor(text_emb[idx], device)  # (B, D_text)
+    """Rows idx -> (B, C, H, W) model-space latents and (B, D_text) text embeddings on the device;
+    to a GPU from pinned memory without blocking, so the copy overlaps the work queued before it."""
+    x0, text = data.to_tensor(latents[idx]) * scale_factor, data.to_tensor(text_emb[idx])
+    if device_type == 'cuda':
+        x0, text = (t.pin_memory().to(device, non_blocking=True) for t in (x0, text))
+    return x0, text
 
 
 # the model: from scratch, resumed, or fine-tuned from another checkpoint
 iter_num, best_val_loss, epoch, data_pos = 0, float('inf'), 0, 0
 ckpt = None
 if init_from == 'scratch':
-    model_args = dict(n_channels=n_channels, image_size=H if H == W else (H, W), patch_size=patch_size,
-                      embed_dim=embed_dim, n_layers=n_layers, mlp_multiplier=mlp_multiplier, head_dim=head_dim,
-                      dropout=dropout, text_emb_size=meta['text_dim'], cond_channels=cond_channels)
-    model = Denoiser(**model_args)
+    model_args = dict(n_channels=n_channels, image_size=H if H == W else (H, W),
+                      patch_size=patch_size, embed_dim=embed_dim, n_layers=n_layers,
+                      mlp_multiplier=mlp_multiplier, head_dim=head_dim, dropout=dropout,
+                      text_emb_size=meta['text_dim'], cond_channels=cond_channels,
+                      conditioning=conditioning, text_tokens=text_tokens, text_prior=text_prior,
+                      prediction=prediction)
+    try:
+        model = Denoiser(**model_args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 else:
     try:
         ckpt = load_checkpoint(ckpt_path if init_from == 'resume' else init_from, 'cpu')
@@ -194,34 +253,37 @@ else:
     # the checkpoint's data must be compatible: same text encoder, same image codec
     for key in ('text_encoder', 'text_dim', 'vae'):
         if ckpt.get('data_meta', {}).get(key) != meta.get(key):
-            sys.exit(f"error: {data_dir} has {key}={meta.get(key)!r} but the checkpoint was trained "
-                     f"with {key}={ckpt.get('data_meta', {}).get(key)!r}")
+            sys.exit(f"error: {data_dir} has {key}={meta.get(key)!r} but the checkpoint was "
+                     f"trained with {key}={ckpt.get('data_meta', {}).get(key)!r}")
     model_args = dict(ckpt['model_args'])
     if model_args['n_channels'] != n_channels:
-        sys.exit(f"error: {data_dir} has {n_channels} channels, the checkpoint's model {model_args['n_channels']}")
-    if init_from == 'resume':  # continue exactly: the same weights, optimizer, RNG and data position
+        sys.exit(f"error: {data_dir} has {n_channels} channels, the checkpoint's model "
+                 f"{model_args['n_channels']}")
+    if init_from == 'resume':  # continue exactly: same weights, optimizer, RNG and data position
         model = Denoiser(**model_args)
         model.load_state_dict(ckpt['model'])
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
         epoch, data_pos = ckpt['data_state']['epoch'], ckpt['data_state']['pos']
-    else:  # fine-tune: start from the EMA weights, at this data's image size, with new inputs if asked
+    else:  # fine-tune: from the EMA weights, at this data's image size, with new inputs if asked
         model = denoiser_from_checkpoint(ckpt, ema=True).train()
         if trained_size(model) != (H, W):
             model.resize_pos_emb((H, W))  # bilinear: the new grid starts where the old one was
         if model.cond_channels == 0 and cond_channels > 0:
-            model.widen_input(cond_channels)  # zero-initialised: step 0 computes what the old model did
-        model_args.update(image_size=H if H == W else (H, W), cond_channels=cond_channels, dropout=dropout)
+            model.widen_input(cond_channels)  # zero-initialised: step 0 computes the old model
+        model_args.update(image_size=H if H == W else (H, W), cond_channels=cond_channels,
+                          dropout=dropout)
 if trained_size(model) != (H, W):
-    sys.exit(f"error: the checkpoint's model is for {trained_size(model)} inputs but {data_dir} has {(H, W)}; "
-             f"fine-tune it at the new size with --init_from=PATH instead of resuming")
+    sys.exit(f"error: the checkpoint's model is for {trained_size(model)} inputs but {data_dir} "
+             f"has {(H, W)}; fine-tune it at the new size with --init_from=PATH, not by resuming")
 if model.cond_channels != cond_channels:
-    sys.exit(f"error: the checkpoint's model is {'an' if model.cond_channels else 'not an'} outpainting model: "
-             f"train it with --outpaint={bool(model.cond_channels)}")
+    sys.exit(f"error: the checkpoint's model is {'an' if model.cond_channels else 'not an'} "
+             f"outpainting model: train it with --outpaint={bool(model.cond_channels)}")
 model.to(device)
 raw_model = model  # the plain module: its state_dict has no '_orig_mod.' or 'module.' prefixes
 ema = copy.deepcopy(model).requires_grad_(False).eval()  # fp32 EMA of the weights
 if init_from == 'resume':
-    ema.load_state_dict(ckpt['ema'])
+    ema.load_state_dict(ckpt['ema'])  # in place: the parameter lists below stay valid
+ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
 perm = permutation(epoch)
 
 # AdamW with weight decay on the weight matrices only: not on norms, biases or the positional table
@@ -235,17 +297,18 @@ if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     if len(ckpt['rng']) == ddp_world_size:  # each rank goes on with its own random stream
-        torch.set_rng_state(ckpt['rng'][ddp_rank]['torch'])
-        if device_type == 'cuda' and ckpt['rng'][ddp_rank]['cuda'] is not None:
-            torch.cuda.set_rng_state(ckpt['rng'][ddp_rank]['cuda'])
+        set_rng_state(ckpt['rng'][ddp_rank])
     elif master_process:
-        print(f"note: resuming on {ddp_world_size} processes from {len(ckpt['rng'])}: the data order goes on "
-              f"exactly, the random noise streams start afresh")
+        print(f"note: resuming on {ddp_world_size} processes from {len(ckpt['rng'])}: the data "
+              f"order goes on exactly, the random noise streams start afresh")
 resumed_at = iter_num if init_from == 'resume' else -1
 ckpt = None  # free the memory
 if master_process:
-    print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {n_train} training rows of {(n_channels, H, W)}, "
-          f"global batch {global_batch}, {dtype} on {device}" + (f", {ddp_world_size} processes" if ddp else ""))
+    s = lambda n, plural: '' if n == 1 else plural
+    print(f"global batch {global_batch} = {ddp_world_size} process{s(ddp_world_size, 'es')} × "
+          f"{micro_steps} micro-step{s(micro_steps, 's')} of {micro_batch} rows, {dtype} on "
+          f"{device}; {raw_model.num_params() / 1e6:.2f}M parameters, {n_train} training rows of "
+          f"{(n_channels, H, W)}")
 
 if compile:
     if master_process:
@@ -253,12 +316,12 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
-    # the depthwise conv's (C, 1, 3, 3) weight gets a channels-last gradient: the same memory, strides
-    # differ only on the size-1 dim, and DDP warns about it on every backward
+    # the depthwise conv's (C, 1, 3, 3) weight gets a channels-last gradient: the same memory,
+    # strides differ only on the size-1 dim, and DDP warns about it on every backward
     warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
 
-# the validation set: fixed rows, noise and (for outpainting) masks; and the prompts of the sample grid
-val_idx = np.linspace(0, n_val - 1, min(eval_samples, n_val)).round().astype(int)  # spread over the set
+# the validation set: fixed rows, noise and (for outpainting) masks; and the sample grid's prompts
+val_idx = np.linspace(0, n_val - 1, min(eval_samples, n_val)).round().astype(int)  # the whole set
 sample_idx = np.linspace(0, n_val - 1, min(n_sample, n_val)).round().astype(int)
 if sample_prompts and not outpaint and master_process:
     from encoders import TextEncoder
@@ -275,8 +338,9 @@ codec = None  # the image decoder for the sample grids, loaded on first use
 # helpers
 @torch.no_grad()
 def estimate_loss(net):
-    """Val loss: the MSE of net's x0 prediction on held-out captions at the fixed noise levels eval_sigmas,
-    with fixed noise. For outpainting, only the region to generate counts, as in training."""
+    """Val loss: the MSE of net's x0 prediction on held-out captions at the fixed noise levels
+    eval_sigmas, with fixed noise. For outpainting, only the region to generate counts, as in
+    training."""
     g = torch.Generator().manual_seed(seed)
     err_sum, weight_sum = 0.0, 0.0
     for i in range(0, len(val_idx), batch_size):
@@ -307,14 +371,13 @@ def get_lr(it):
 @torch.no_grad()
 def update_ema(it):
     decay = min(ema_decay, (1 + it) / (ema_warmup + it))
-    for e, p in zip(ema.parameters(), raw_model.parameters()):
-        e.lerp_(p, 1 - decay)  # e = decay·e + (1-decay)·p
+    torch._foreach_lerp_(ema_params, model_params, 1 - decay)  # e = decay·e + (1-decay)·p, fused
 
 
 def save_checkpoint():
-    """Write out_dir/ckpt.pt atomically: to ckpt.pt.tmp, then a rename, so a crash mid-write keeps the
-    old one. Every rank calls this, since the random states of all ranks are gathered into it."""
-    rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    """Write out_dir/ckpt.pt atomically: to ckpt.pt.tmp, then a rename, so a crash mid-write keeps
+    the old one. Every rank calls this: the random states of all ranks are gathered into it."""
+    rng = rng_state()
     rngs = [rng]
     if ddp:
         rngs = [None] * ddp_world_size
@@ -340,8 +403,9 @@ def save_checkpoint():
 
 @torch.no_grad()
 def sample_grid(net, path):
-    """Sample the fixed val prompts with net (the EMA model) and save them as a PNG grid. An outpainting
-    model gets the left half of each prompt's val image and fills in the right half."""
+    """Sample the fixed val prompts with net (the EMA model) and save them as a PNG grid. An
+    outpainting model gets the left half of each prompt's val image and fills in the right half."""
+    from pipeline import decode_latents, save_grid
     global codec
     if codec is None:
         from encoders import ImageCodec
@@ -352,22 +416,22 @@ def sample_grid(net, path):
         mask = make_mask('right', H, W).to(device).expand(len(known), 1, H, W)
     g = torch.Generator(device).manual_seed(seed)  # the same noise every time: the grids compare
     with ctx:
-        x0 = generate(net, sample_text, cfg=sample_cfg, steps=sample_steps, generator=g, known=known, mask=mask,
-                      cfg_min_sigma=sample_cfg_min_sigma)
-    images = codec.decode(x0.float() / scale_factor)  # (B, 3, H_img, W_img) in [-1, 1]
-    from torchvision.utils import save_image
-    save_image((images.float() + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))), padding=1)
+        x0 = generate(net, sample_text, cfg=sample_cfg, steps=sample_steps, generator=g,
+                      known=known, mask=mask, cfg_min_sigma=sample_cfg_min_sigma)
+    images = decode_latents(codec, x0, scale_factor)  # (B, 3, H_img, W_img) in [0, 1]
+    save_grid(images, math.ceil(math.sqrt(len(images))), path, padding=1)
 
 
-interrupted = False  # set by a signal on this rank; stop_requested is its agreed value over all ranks
+interrupted = False  # set by a signal on this rank; stop_requested: its value agreed by all ranks
 stop_requested = False
 
 
 def request_stop(signum, frame):
-    """Ctrl-C (or a cluster's SIGTERM) stops at the end of the current iteration, after a checkpoint."""
+    """Ctrl-C (or a cluster's SIGTERM) stops at the end of this iteration, after a checkpoint."""
     global interrupted
     if not interrupted and master_process:
-        print("\nstopping: a checkpoint is written at the end of this iteration (Ctrl-\\ quits without one)")
+        print("\nstopping: a checkpoint is written at the end of this iteration "
+              "(Ctrl-\\ quits without one)")
     interrupted = True
 
 
@@ -401,7 +465,8 @@ while True:
             save_checkpoint()
     if last:
         if stop_requested and master_process:
-            print(f"interrupted; continue with: python train.py {' '.join(sys.argv[1:])} --init_from=resume")
+            print(f"interrupted; continue with: python train.py {' '.join(sys.argv[1:])} "
+                  f"--init_from=resume")
         break
     t0 = time.time()
 
@@ -413,17 +478,19 @@ while True:
     # forward and backward, with gradient accumulation over micro-steps
     rows = next_rows()
     loss_sum = torch.zeros((), device=device)
-    for micro_step in range(gradient_accumulation_steps):
+    for micro_step in range(micro_steps):
         if ddp:  # all-reduce the gradients on the last micro-step only
-            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+            model.require_backward_grad_sync = (micro_step == micro_steps - 1)
         x0, text = get_batch(rows, micro_step)
         cond = weight = None
         if outpaint:  # learn to fill the masked region from the rest (1 = generate, 0 = known)
             weight = random_masks(len(x0), H, W).to(device)  # (B, 1, H, W)
             cond = masked_input(x0, weight)
         with ctx:
-            loss = training_loss(model, x0, text, beta_a, beta_b, p_uncond, cond=cond, weight=weight)
-            loss = loss / gradient_accumulation_steps  # the mean over the global batch
+            loss = training_loss(model, x0, text, beta_a, beta_b, p_uncond, cond=cond,
+                                 weight=weight, objective=raw_model.prediction,
+                                 text_noise=text_noise)
+            loss = loss / micro_steps  # the mean over the global batch, once averaged over ranks
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     if grad_clip != 0.0:
@@ -440,11 +507,11 @@ while True:
     if ddp:
         dist.all_reduce(stats)
     lossf, stop_requested = stats[0].item() / ddp_world_size, stats[1].item() > 0
-    if not math.isfinite(lossf):  # stop before a broken model can overwrite the last good checkpoint
+    if not math.isfinite(lossf):  # stop before a broken model overwrites the last good checkpoint
         if ddp:
             dist.destroy_process_group()
-        sys.exit(f"error: the loss is {lossf} at iter {iter_num}; stopped without saving. "
-                 f"{ckpt_path} is the last good checkpoint (try a lower learning_rate, or dtype='float32')")
+        fail(f"error: the loss is {lossf} at iter {iter_num}; stopped without saving. {ckpt_path} "
+             f"is the last good checkpoint (try a lower learning_rate, or dtype='float32')")
 
     # log
     if iter_num % log_interval == 0 and master_process:
@@ -452,8 +519,8 @@ while True:
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
               f"{global_batch / dt:.0f} images/s")
         if wandb_log:
-            wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr, 'images_per_s': global_batch / dt},
-                      step=iter_num)
+            wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr,
+                       'images_per_s': global_batch / dt}, step=iter_num)
 
 if ddp:
     dist.barrier()  # rank 0 may still be writing the checkpoint: tear gloo/NCCL down together

@@ -1,5 +1,6 @@
-# The ~101M model of the reference on GPUs: 4×32×32 latents of 256 px images from stabilityai/sd-vae-ft-ema,
-# CLIP ViT-L/14 text embeddings, a global batch of 256, lr 3e-4 after 1000 warmup steps, bf16.
+# The ~101M model of the reference on GPUs: 4×32×32 latents of 256 px images from
+# stabilityai/sd-vae-ft-ema, CLIP ViT-L/14 text embeddings, a global batch of 256, lr 3e-4 after
+# 1000 warmup steps, bf16.
 # Make the data first, e.g.
 #   python prepare.py --source=wds --input='shards/{00000..00099}.tar' --image_size=256 \
 #       --vae=stabilityai/sd-vae-ft-ema --text_encoder=clip:ViT-L/14 --out_dir=data/prepared/base
@@ -10,8 +11,8 @@ data_dir = 'data/prepared/base'
 eval_interval = 2000
 ckpt_interval = 2000
 log_interval = 50
-# 64 × 4 = 256 images a step: 4 micro-steps on 1 GPU, 2 each on 2, 1 each on 4; with 8 GPUs or more
-# use --batch_size=32 --gradient_accumulation_steps=8 (or 16 × 16), which keeps the global batch at 256
+# 64 × 4 = 256 images a step however many GPUs: 4 micro-steps of 64 on 1 GPU, 2 each on 2, 1 each on
+# 4; on 8 GPUs one micro-step of 32 each, on 16 one of 16 (train.py splits the micro-batch)
 batch_size = 64
 gradient_accumulation_steps = 4
 # the Denoiser defaults: 12 layers, 768 wide, patch 2 (16×16 = 256 tokens), heads of 64, MLP ×4

@@ -1,26 +1,28 @@
-# The CPU demo: the emoji set in pixel space (3×32×32) with MiniLM captions, about 10 minutes on 2 cores.
+# The CPU demo: the emoji set in pixel space (3×32×32) with MiniLM captions, about 10 minutes on
+# 2 cores.
 #   python train.py config/tiny.py
 out_dir = 'out-tiny'
 data_dir = 'data/prepared/emoji32'  # made on first use (python prepare.py --source=emoji)
 eval_interval = 2000
 ckpt_interval = 2000
 log_interval = 500
-batch_size = 16  # small batches, many steps: on a 10-minute budget steps beat width (README, Training)
+batch_size = 16  # small batches, many steps: in 10 minutes steps beat width (README, Training)
 gradient_accumulation_steps = 1
 patch_size = 4  # 8×8 = 64 tokens: a quarter of the cost of patch 2 at the same width
 embed_dim = 128  # 0.77M parameters
 n_layers = 4
 head_dim = 32  # at 256 wide, 8 heads of 32 ran 15% faster than 4 of 64, with the same loss
-mlp_multiplier = 2  # a 2x MLP: steps ~30% cheaper, and at equal time its prompts come out better than 4x
+mlp_multiplier = 2  # a 2x MLP: steps ~30% cheaper; at equal time its prompts beat 4x's
 learning_rate = 1.5e-3
 warmup_iters = 100
 max_iters = 14000  # ~10 minutes at ~45 ms/iter with the evaluations (bf16 autocast, 2 cores)
 min_lr = 1e-4
 ema_decay = 0.999
-beta_b = 1.0  # σ ~ Beta(1, 1), uniform: in pixel space at 32 px the shapes are decided at high noise
+beta_b = 1.0  # σ ~ Beta(1, 1), uniform: in pixel space at 32 px, shapes form at high noise
 eval_samples = 256
-sample_prompts = ('a grinning face', 'a smiling face with sunglasses', 'a red heart', 'a blue heart',
-                  'a red apple', 'a banana', 'a dog face', 'a cat face', 'fire', 'a star', 'the flag of Japan',
-                  'a ghost', 'a rocket', 'a snowman', 'a four leaf clover', 'a pile of poo')
+sample_prompts = ('a grinning face', 'a smiling face with sunglasses', 'a red heart',
+                  'a blue heart', 'a red apple', 'a banana', 'a dog face', 'a cat face', 'fire',
+                  'a star', 'the flag of Japan', 'a ghost', 'a rocket', 'a snowman',
+                  'a four leaf clover', 'a pile of poo')
 sample_cfg = 4.0
 sample_steps = 20

@@ -1,9 +1,15 @@
-# The emoji set at 64 px, fine-tuned from the 32 px tiny model (config/tiny.py -> out-tiny): the positional
-# table is resized bilinearly from 8×8 to 16×16 patches, and a few hundred steps teach the model the finer grid.
-#   python prepare.py --source=emoji --image_size=64 --font=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+# The emoji set at 64 px, fine-tuned from the 32 px tiny model (config/tiny.py -> out-tiny): the
+# positional table is resized bilinearly from 8×8 to 16×16 patches, and a few hundred steps teach
+# the model the finer grid.
+#   apt-get install fonts-noto-color-emoji
+#   python data/emoji/build.py --image_size=64 \
+#       --font=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+#   python prepare.py --source=emoji --image_size=64
 #   python train.py config/tiny_64.py
-#   python train.py config/tiny_64.py --init_from=scratch --out_dir=out-tiny-64-scratch --learning_rate=1.5e-3 --warmup_iters=100  # the baseline
-exec(open('config/tiny.py').read())  # the tiny run's settings (its architecture, for --init_from=scratch); then what differs
+# the baseline, from scratch at 64 px:
+#   python train.py config/tiny_64.py --init_from=scratch --out_dir=out-tiny-64-scratch \
+#       --learning_rate=1.5e-3 --warmup_iters=100
+exec(open("config/tiny.py").read())  # the tiny run (its architecture for --init_from=scratch)
 out_dir = 'out-tiny-64'
 data_dir = 'data/prepared/emoji64'
 init_from = 'out-tiny'  # the architecture comes from the checkpoint
