@@ -7,8 +7,9 @@ Measured speed and sampler accuracy, as tables of ratios taken in one run on thi
 
 Tables:
 - peak: this machine's own fp32 and bf16 matmul throughput (2048² matmuls), the yardstick below.
-- reference: the Denoiser (the reference's cross-attention block, and adaLN-Zero) against a plain
-  implementation of the reference architecture, train step and guided sampling, fp32 and bf16.
+- reference: the Denoiser (with the reference's cross-attention block, and with train.py's
+  default conditioning) against a plain implementation of the reference architecture: a train
+  step and the guided sampling loop, fp32 and bf16.
 - model: forward and forward+backward images/s of the denoiser, fp32 and bf16 autocast, eager
   and compiled, its FLOPs per image (torch.utils.flop_counter, corrected, see count_flops) and the
   achieved FLOP/s as a fraction of the peak of the same dtype.
@@ -43,6 +44,7 @@ seed = 0
 config = configure(globals(), sys.argv[1:])
 
 # the two configs timed: a small model (4 layers, 256 wide) and config/base.py's ~101M one
+DEFAULT_CONDITIONING = dict(conditioning='adaln', text_prior=16)  # train.py's defaults
 MODEL_CONFIGS = {
     'small': dict(n_channels=4, image_size=32, patch_size=2, embed_dim=256, n_layers=4,
                   text_emb_size=768),
@@ -390,8 +392,8 @@ def bench_reference(peaks):
     x, sigma = torch.randn(B, 4, 32, 32, device=device), torch.rand(B, device=device)
     text = torch.randn(B, 768, device=device)
     nets = {'plain': PlainDenoiser(**MODEL_CONFIGS['small']),
-            'cross': Denoiser(**MODEL_CONFIGS['small']),
-            'adaln': Denoiser(**MODEL_CONFIGS['small'], conditioning='adaln')}
+            'cross': Denoiser(**MODEL_CONFIGS['small']),  # the reference's block
+            'default': Denoiser(**MODEL_CONFIGS['small'], **DEFAULT_CONDITIONING)}
     for dtype in ('float32', 'bfloat16'):
         def train_step(net, opt):
             with autocast(device, dtype):

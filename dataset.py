@@ -1,6 +1,6 @@
 """
-The prepared data on disk: what prepare.py writes and train.py, eval.py and gpu_check.py read. A
-library: no settings of its own.
+The prepared data on disk: what prepare.py writes (resumably, with the writers at the end) and
+train.py, eval.py and gpu_check.py read. A library: no settings of its own.
 
     from dataset import load_prepared
     data = load_prepared('data/prepared/emoji32')  # .npy memmaps: rows are read when indexed
@@ -122,6 +122,16 @@ def load_prepared(data_dir):
 
 # ----- writing, resumable (prepare.py) -----
 
+def incompatibility(ckpt_meta, data, strict=True):
+    """Why a checkpoint cannot train on, or be scored with, this prepared data (its text encoder,
+    text width or image codec differ), or None. strict=False skips what a checkpoint lacks."""
+    for key in ('text_encoder', 'text_dim', 'vae'):
+        if (strict or key in ckpt_meta) and data.meta.get(key) != ckpt_meta.get(key):
+            return (f"{data.data_dir} has {key}={data.meta.get(key)!r} but the checkpoint was "
+                    f"trained with {key}={ckpt_meta.get(key)!r}")
+    return None
+
+
 def previous_run(data_dir, settings, overwrite=False):
     """The state of an interrupted run (progress.json), the meta.json of a finished one, or None,
     when there is neither or overwrite is set: then the old outputs are removed. A run with other
@@ -219,32 +229,6 @@ class SplitWriter:
             shrink_npy(p, self.n)
 
 
-def shrink_npy(path, n):
-    """Cut a .npy file to its first n rows, in place: rewrite the shape in the header (padded to
-    the same length, as the format allows) and truncate the data."""
-    with open(path, 'r+b') as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-        if shape[0] == n:
-            return
-        header = repr({'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': fortran,
-                       'shape': (n, *shape[1:])})
-        prefix = 8 + (2 if version == (1, 0) else 4)  # magic, version, header length
-        f.seek(prefix)
-        f.write(header.ljust(offset - prefix - 1).encode('latin1') + b'\n')
-        f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
-
-
-def write_json(path, obj):
-    """Atomic: a kill leaves the old file or the new one."""
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(path + '.tmp', path)
-
-
 class SkipLog:
     """skipped.jsonl, a line per skipped item, and the counts by reason; the first 10 are shown.
     state: the run's, with the counts and the file's length at the last checkpoint."""
@@ -282,3 +266,29 @@ def quantize(z, q, pixel_space):
     codes = np.rint((z - q['offset']) / q['scale'])
     q['clipped'] += int(((codes < 0) | (codes > 255)).sum())
     return np.clip(codes, 0, 255).astype(np.uint8), q
+
+def shrink_npy(path, n):
+    """Cut a .npy file to its first n rows, in place: rewrite the shape in the header (padded to
+    the same length, as the format allows) and truncate the data."""
+    with open(path, 'r+b') as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+        if shape[0] == n:
+            return
+        header = repr({'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': fortran,
+                       'shape': (n, *shape[1:])})
+        prefix = 8 + (2 if version == (1, 0) else 4)  # magic, version, header length
+        f.seek(prefix)
+        f.write(header.ljust(offset - prefix - 1).encode('latin1') + b'\n')
+        f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+
+
+def write_json(path, obj):
+    """Atomic: a kill leaves the old file or the new one."""
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(path + '.tmp', path)
+

