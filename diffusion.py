@@ -50,15 +50,14 @@ def noise_text(text_emb, scale):
     return text_emb + scale * norm * torch.randn_like(text_emb)
 
 
-OBJECTIVES = ('x0', 'v')
-
-
 def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, cond=None,
                   weight=None, objective='x0', text_noise=0.0):
     """The mean squared error of the model's x0 prediction at σ ~ Beta(a, b), with CFG dropout.
     objective 'x0' weighs every σ alike (the reference); 'v', for a model that predicts v, is
     rectified flow's velocity loss ‖v̂ - v‖², v = ε - x0, which equals the x0 error / σ².
     weight (B, 1|C, H, W), optional: where the loss counts (outpainting)."""
+    if objective not in ('x0', 'v'):
+        raise ValueError(f"objective must be 'x0' or 'v' (the model's output), got {objective!r}")
     sigma = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device)
     x_t = add_noise(x0, sigma, torch.randn_like(x0))
     text = drop_text(noise_text(text_emb, text_noise), p_uncond)

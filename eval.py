@@ -181,8 +181,8 @@ def load_run():
         data = load_prepared(data_path)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    if incompatibility(meta, data, strict=False):
-        fail(incompatibility(meta, data, strict=False))
+    if why := incompatibility(meta, data, strict=False):
+        fail(why)
     pipe = pipeline_from_checkpoint(checkpoint, device, dtype, text_encoder=False, source=source)
     if pipe.model.cond_channels:
         fail(f"'{source}' is an outpainting model; eval.py measures text-to-image models")

@@ -15,7 +15,9 @@ on the token grid (LocalViT's FFN). The conditioning is chosen by `conditioning`
              attention and MLP, zero-initialised so every block starts as the identity
 
 text_prior adds the text, mapped straight to a token grid, to the input tokens: a per-position
-picture of what the caption should look like, cheap to learn.
+picture of what the caption should look like, cheap to learn. The constructor's defaults are the
+reference's block, which is what checkpoints without these settings were; train.py's defaults are
+adaLN-Zero and text_prior=16, which measured best (README).
 """
 import contextlib
 import math
@@ -142,12 +144,12 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=not self.adaln)
         self.mlp = ConvMLP(dim, mlp_multiplier, dropout)
 
-    def forward(self, x, cond, grid):  # x (B, N, D); cond: context (B, L, D) or adaLN input (B, D)
+    def forward(self, x, c, grid):  # x (B, N, D); c: the context (B, L, D) or adaLN input (B, D)
         if not self.adaln:
             x = x + self.attn(self.norm1(x))
-            x = x + self.cross(self.norm2(x), cond)
+            x = x + self.cross(self.norm2(x), c)
             return x + self.mlp(self.norm3(x), grid)
-        s1, c1, g1, s2, c2, g2 = self.modulation(cond)[:, None].chunk(6, dim=-1)  # (B, 1, D)
+        s1, c1, g1, s2, c2, g2 = self.modulation(c)[:, None].chunk(6, dim=-1)  # (B, 1, D)
         x = torch.addcmul(x, g1, self.attn(modulate(self.norm1(x), s1, c1)))
         return torch.addcmul(x, g2, self.mlp(modulate(self.norm3(x), s2, c2), grid))
 
@@ -167,6 +169,9 @@ class Denoiser(nn.Module):
         self.n_channels, self.cond_channels, self.patch_size = n_channels, cond_channels, patch_size
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if text_tokens < 1 or (conditioning == 'adaln' and text_tokens != 1) or text_prior < 0:
+            raise ValueError(f"text_tokens must be >= 1 (1 with conditioning='adaln') and "
+                             f"text_prior >= 0, got {text_tokens} and {text_prior}")
         self.conditioning, self.prediction, D = conditioning, prediction, embed_dim
         # (c p1 p2) order: the inputs of extra channels come after those of the image,
         # which is what lets widen_input() add channels without touching the old weights
@@ -202,18 +207,18 @@ class Denoiser(nn.Module):
         tokens = rearrange(x, 'b c (h p1) (w p2) -> b h w (c p1 p2)', p1=p, p2=p)
         tokens = self.patch_in(tokens) + self.positional_table(grid)  # (B, h, w, D)
         if hasattr(self, 'prior_in'):
-            tokens = tokens + self.text_prior(text_emb, grid)
+            tokens = tokens + self.prior_offsets(text_emb, grid)
         tokens = tokens.flatten(1, 2)  # (B, N, D)
 
         D = tokens.shape[-1]
         sigma_emb = self.sigma_mlp(sinusoidal_embedding(sigma, D).to(tokens.dtype))  # (B, D)
         text = self.text_proj(text_emb).view(len(text_emb), -1, D)  # (B, K, D)
         if self.conditioning == 'adaln':
-            cond_vec = F.silu(sigma_emb + text[:, 0])  # (B, D), the input of every modulation
+            c = F.silu(sigma_emb + text[:, 0])  # (B, D), the input of every modulation
         else:
-            cond_vec = self.context_norm(torch.cat([sigma_emb[:, None], text], 1))  # (B, 1+K, D)
+            c = self.context_norm(torch.cat([sigma_emb[:, None], text], 1))  # (B, 1+K, D)
         for block in self.blocks:
-            tokens = block(tokens, cond_vec, grid)
+            tokens = block(tokens, c, grid)
 
         out = self.patch_out(self.norm_out(tokens))  # (B, N, C·p·p)
         out = rearrange(out, 'b (h w) (c p1 p2) -> b c (h p1) (w p2)', h=grid[0], p1=p, p2=p)
@@ -221,7 +226,7 @@ class Denoiser(nn.Module):
             return x_t.float() - sigma.float().view(-1, 1, 1, 1) * out.float()
         return out
 
-    def text_prior(self, text_emb, grid):
+    def prior_offsets(self, text_emb, grid):
         """(B, D_text) -> (B, h, w, D): the caption's own per-position offset of the tokens."""
         prior = self.prior_in(text_emb).view(len(text_emb), PRIOR_GRID, PRIOR_GRID, -1)
         if tuple(grid) != (PRIOR_GRID, PRIOR_GRID):  # (B, 8, 8, r) -> (B, h, w, r)
@@ -344,7 +349,8 @@ def finetune_from(ckpt, image_size, cond_channels, dropout=0.0):
     """A checkpoint's EMA model to fine-tune at image_size (H, W), with cond_channels inputs:
     the positional table is resized (bilinear: the new grid starts where the old one was) and new
     input channels start at zero, so step 0 computes what the old model did. -> (model, args)."""
-    model = denoiser_from_checkpoint(ckpt, ema=True).train()
+    model = denoiser_from_checkpoint(dict(ckpt, model_args={**ckpt['model_args'],
+                                                            'dropout': dropout})).train()
     H, W = image_size
     model.resize_pos_emb((H, W))  # the same size keeps the same values
     if model.cond_channels == 0 and cond_channels > 0:

@@ -140,11 +140,11 @@ def test_adaln_zero_blocks_start_as_the_identity():
 def test_text_prior_starts_at_zero_and_follows_the_caption():
     model = tiny_denoiser(text_prior=8)
     sigma, text = torch.rand(2), torch.randn(2, 8)
-    assert model.text_prior(text, (8, 8)).abs().max() == 0  # zero-initialised output
+    assert model.prior_offsets(text, (8, 8)).abs().max() == 0  # zero-initialised output
     torch.nn.init.normal_(model.prior_out.weight)
-    prior = model.text_prior(text, (8, 8))  # (B, h, w, D)
+    prior = model.prior_offsets(text, (8, 8))  # (B, h, w, D)
     assert prior.shape == (2, 8, 8, 64) and not torch.allclose(prior[0], prior[1])
-    assert model.text_prior(text, (16, 16)).shape == (2, 16, 16, 64)  # another grid: resized
+    assert model.prior_offsets(text, (16, 16)).shape == (2, 16, 16, 64)  # another grid: resized
     assert model(torch.randn(2, 3, 32, 32), sigma, text).shape == (2, 3, 32, 32)
 
 
@@ -227,6 +227,29 @@ def test_a_checkpoint_without_the_new_settings_loads_as_the_reference_block():
     assert reloaded.conditioning == 'cross' and reloaded.prediction == 'x0'
     with pytest.raises(ValueError, match="conditioning must be one of"):
         Denoiser(**old_args, conditioning='film')
+    with pytest.raises(ValueError, match="text_tokens must be >= 1"):
+        Denoiser(**old_args, conditioning='adaln', text_tokens=4)
+
+
+def test_finetune_from_builds_the_model_its_args_describe():
+    """A fine-tune at a new size, with new inputs and another dropout: the model trained is the
+    model that its saved args rebuild, and step 0 computes what the checkpoint's model did."""
+    from model import denoiser_from_checkpoint, finetune_from
+    args = dict(n_channels=3, image_size=16, patch_size=2, embed_dim=64, n_layers=2, head_dim=32,
+                mlp_multiplier=2, text_emb_size=8, conditioning='adaln', text_prior=8)
+    old = tiny_denoiser(**{k: v for k, v in args.items() if k not in ('image_size',)})
+    ckpt = {'model': old.state_dict(), 'ema': old.state_dict(), 'model_args': args}
+    model, new_args = finetune_from(ckpt, (32, 32), cond_channels=4, dropout=0.25)
+    assert new_args['image_size'] == 32 and new_args['cond_channels'] == 4
+    assert new_args['dropout'] == 0.25 == model.blocks[0].attn.dropout
+    rebuilt = denoiser_from_checkpoint({'model': model.state_dict(), 'model_args': new_args})
+    x, sigma, text = torch.randn(2, 3, 32, 32), torch.rand(2), torch.randn(2, 8)
+    cond = torch.randn(2, 4, 32, 32)
+    torch.testing.assert_close(rebuilt(x, sigma, text, cond), model.eval()(x, sigma, text, cond))
+    same, _ = finetune_from(ckpt, (16, 16), cond_channels=4)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(same.eval()(x, sigma, text, torch.randn(2, 4, 16, 16)),
+                               old.eval()(x, sigma, text), rtol=1e-5, atol=1e-6)
 
 
 def test_add_noise_and_training_loss():

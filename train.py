@@ -102,7 +102,7 @@ sample_steps = 20
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # or 'cpu', 'cuda:1', ...
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 where the hardware has it, see below
-compile = False  # torch.compile: a win on GPUs, a loss on CPUs (README, Precision)
+compile = False  # torch.compile: a win on GPUs, a loss on CPUs (docs/notes.md, Precision)
 ddp_timeout_minutes = 30  # how long a rank waits for the others (rank 0 evaluates alone)
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])  # the settings as given: logged, saved in checkpoints
@@ -236,8 +236,8 @@ else:
         ckpt = load_checkpoint(ckpt_path if init_from == 'resume' else init_from, 'cpu')
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if incompatibility(ckpt.get('data_meta', {}), data):  # another text encoder or codec
-        sys.exit(f"error: {incompatibility(ckpt.get('data_meta', {}), data)}")
+    if why := incompatibility(ckpt.get('data_meta', {}), data):  # another text encoder or codec
+        sys.exit(f"error: {why}")
     model_args = dict(ckpt['model_args'])
     if model_args['n_channels'] != n_channels:
         sys.exit(f"error: {data_dir} has {n_channels} channels, the checkpoint's model "

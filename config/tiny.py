@@ -6,10 +6,10 @@ data_dir = 'data/prepared/emoji32'  # made on first use (python prepare.py --sou
 eval_interval = 2000
 ckpt_interval = 2000
 log_interval = 500
-batch_size = 16  # small batches, many steps: in 10 minutes steps beat width (README, Training)
+batch_size = 16  # small batches, many steps: in 10 minutes steps beat width (docs/notes.md)
 gradient_accumulation_steps = 1
 patch_size = 4  # 8×8 = 64 tokens: a quarter of the cost of patch 2 at the same width
-embed_dim = 128  # 0.77M parameters
+embed_dim = 128  # 1.38M parameters (0.77M with the reference's block)
 n_layers = 4
 head_dim = 32  # at 256 wide, 8 heads of 32 ran 15% faster than 4 of 64, with the same loss
 mlp_multiplier = 2  # a 2x MLP: steps ~30% cheaper; at equal time its prompts beat 4x's
