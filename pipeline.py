@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import sources
 from diffusion import generate, lerp, make_mask, slerp, trained_size
 from encoders import ImageCodec, TextEncoder
 from model import autocast, denoiser_from_checkpoint, load_checkpoint, resolve_dtype
@@ -217,12 +218,15 @@ def slug(text, max_len=60):
 
 
 def read_image(path, size):
-    """An image file -> (1, 3, H, W) in [-1, 1], resized to size (H, W) if it differs."""
-    img = Image.open(path).convert('RGB')
-    if img.size != (size[1], size[0]):
+    """An image file -> (1, 3, H, W) in [-1, 1], prepared as training data is for a square size
+    (transparency onto white, short side resized, centre crop), else resized to (H, W)."""
+    if size[0] == size[1]:
+        pixels = sources.read_image(path, size[0], min_size=1)  # (H, W, 3) uint8
+    else:
+        img = Image.open(path).convert('RGB')
         print(f"note: resizing {path} from {img.size[0]}x{img.size[1]} to {size[1]}x{size[0]}")
-        img = img.resize((size[1], size[0]), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+        pixels = np.asarray(img.resize((size[1], size[0]), Image.BICUBIC))
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
     return x[None]
 
 

@@ -1524,6 +1524,20 @@ def test_sample_errors_are_one_line(sample_run, args, message):
 
 # ----- pipeline.py, the generation library; sample.py's viewing zoom -----
 
+def test_init_image_is_prepared_like_training_data(tmp_path):
+    """sample.py's --init_image: transparency onto white and a centre crop, as prepare.py does."""
+    from pipeline import read_image
+    rgba = np.zeros((8, 16, 4), dtype=np.uint8)  # transparent black, 16 wide
+    rgba[2:6, 2:6] = (0, 0, 255, 255)  # blue, left of the centre: cropped away
+    rgba[2:6, 6:10] = (255, 0, 0, 255)  # red in the centre
+    Image.fromarray(rgba, 'RGBA').save(tmp_path / 'a.png')
+    x = read_image(str(tmp_path / 'a.png'), (8, 8))  # (1, 3, 8, 8) in [-1, 1]: columns 4..11
+    assert x.shape == (1, 3, 8, 8)
+    torch.testing.assert_close(x[0, :, 0, 0], torch.ones(3))  # transparent -> white, not black
+    torch.testing.assert_close(x[0, :, 3, 3], torch.tensor([1.0, -1.0, -1.0]))  # red
+    torch.testing.assert_close(x[0, :, 3, 0], torch.tensor([-1.0, -1.0, 1.0]))  # blue's last two
+
+
 def test_sample_zoom_auto_reaches_128_px_and_1_keeps_raw_pixels(sample_run):
     from pipeline import auto_zoom
     sizes = [(16, 16), (32, 32), (32, 64), (100, 300), (128, 128), (256, 256)]
