@@ -181,9 +181,8 @@ class Denoiser(nn.Module):
         if conditioning == 'cross' and text_tokens == 1:
             self.text_proj = nn.Linear(text_emb_size, D)  # the reference: one linear text token
         else:  # a small MLP: a nonlinear text code, or text_tokens of them
-            k = text_tokens if conditioning == 'cross' else 1
             self.text_proj = nn.Sequential(nn.Linear(text_emb_size, D), nn.GELU(),
-                                           nn.Linear(D, k * D))
+                                           nn.Linear(D, text_tokens * D))
         if conditioning == 'cross':
             self.context_norm = nn.LayerNorm(D)
         if text_prior:  # caption -> (8, 8, text_prior) -> D per position, zero at the start
