@@ -410,9 +410,12 @@ def bench_reference(peaks):
                 sample_dpmpp_2m(denoise, x[:16], sigma_schedule(steps))
         times = {k: [] for k in nets}
         opts = {k: torch.optim.AdamW(n.to(device).parameters(), lr=1e-4) for k, n in nets.items()}
+        for k, net in nets.items():  # warm up once: allocator, kernels, optimizer state
+            train_step(net.train(), opts[k])
+            sample(net.eval())
         for _ in range(rounds):  # interleaved, so a busy moment hits every model alike
             for k, net in nets.items():
-                times[k].append((timeit(lambda: train_step(net.train(), opts[k]), n=1, warmup=1),
+                times[k].append((timeit(lambda: train_step(net.train(), opts[k]), n=1, warmup=0),
                                  timeit(lambda: sample(net.eval()), n=1, warmup=0)))
         med = {k: [sorted(t[i] for t in v)[len(v) // 2] for i in (0, 1)] for k, v in times.items()}
         flops = count_flops(lambda: nets['plain'](x, sigma, text).sum().backward()) / B
