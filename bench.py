@@ -8,8 +8,8 @@ Measured speed and sampler accuracy, as tables of ratios taken in one run on thi
 Tables:
 - peak: this machine's own fp32 and bf16 matmul throughput (2048² matmuls), the yardstick below.
 - reference: the Denoiser (with the reference's cross-attention block, and with train.py's
-  default conditioning) against a plain implementation of the reference architecture: a train
-  step and the guided sampling loop, fp32 and bf16.
+  default conditioning, eager and compiled) against a plain implementation of the reference
+  architecture: a train step and the guided sampling loop, fp32 and bf16.
 - model: forward and forward+backward images/s of the denoiser, fp32 and bf16 autocast, eager
   and compiled, its FLOPs per image (torch.utils.flop_counter, corrected, see count_flops) and the
   achieved FLOP/s as a fraction of the peak of the same dtype.
