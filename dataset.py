@@ -267,6 +267,7 @@ def quantize(z, q, pixel_space):
     q['clipped'] += int(((codes < 0) | (codes > 255)).sum())
     return np.clip(codes, 0, 255).astype(np.uint8), q
 
+
 def shrink_npy(path, n):
     """Cut a .npy file to its first n rows, in place: rewrite the shape in the header (padded to
     the same length, as the format allows) and truncate the data."""
@@ -291,4 +292,3 @@ def write_json(path, obj):
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
     os.replace(path + '.tmp', path)
-
