@@ -217,6 +217,82 @@ def test_two_key_cross_attention_closed_form_equals_softmax():
     torch.testing.assert_close(plain.float(), attention(q, k, v), rtol=0.05, atol=0.05)
 
 
+def test_attention_kernel_follows_device_dtype_and_amx(monkeypatch):
+    """attention() takes SDPA in fp32 and, on a CPU with AMX, in bf16 inference; plain matmuls
+    and a softmax in CPU bf16 training and, without AMX, in bf16 inference. Every path agrees
+    with fp32 SDPA."""
+    import model as model_module
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 16) for _ in range(3))
+    ref = sdpa(q, k, v)
+    cases = [(False, False, True, True), (False, True, False, True),  # fp32: SDPA
+             (True, True, False, False), (True, True, True, False),  # bf16 training: plain
+             (True, False, False, False), (True, False, True, True)]  # bf16 inference: by AMX
+    for bf16, grad, amx, expect_sdpa in cases:
+        monkeypatch.setattr(model_module, '_CPU_HAS_AMX', amx)
+        calls.clear()
+        with torch.set_grad_enabled(grad), torch.autocast('cpu', torch.bfloat16, enabled=bf16):
+            out = model_module.attention(q, k, v)
+        assert bool(calls) == expect_sdpa, (bf16, grad, amx)
+        torch.testing.assert_close(out.float(), ref, rtol=0.03, atol=0.03)
+
+
+def test_token_linear_as_a_convolution_equals_the_linear(monkeypatch):
+    """On a CPU TokenLinear runs a large product as a 1×1 convolution: nn.Linear's outputs and
+    gradients, fp32 and under bf16 autocast, from nn.Linear's state dict; small ones stay linear."""
+    from model import TokenLinear
+    conv2d, calls = torch.nn.functional.conv2d, []
+    monkeypatch.setattr(torch.nn.functional, 'conv2d',
+                        lambda *a, **kw: calls.append(1) or conv2d(*a, **kw))
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(48, 80)
+    lin = TokenLinear(48, 80)
+    lin.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 10, 48)
+    assert torch.equal(lin(x), ref(x)) and not calls  # 115,200 MACs: below the threshold
+    lin.CONV_MIN_MACS = 0
+    for bf16, tol in ((False, 1e-5), (True, 2e-2)):
+        outs, grads = [], []
+        for layer in (lin, ref):
+            xg = x.clone().requires_grad_()
+            with torch.autocast('cpu', torch.bfloat16, enabled=bf16):
+                out = layer(xg)
+            out.float().square().sum().backward()
+            outs.append(out)
+            grads.append([xg.grad, layer.weight.grad, layer.bias.grad])
+            layer.zero_grad(set_to_none=True)
+        assert outs[0].dtype == outs[1].dtype and outs[0].is_contiguous()
+        torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    assert len(calls) == 2
+
+
+def test_fused_conv_gelu_in_cpu_inference_equals_conv_then_gelu():
+    """conv_gelu: one oneDNN kernel in CPU inference, fp32 and bf16, the same numbers as the conv
+    and then GELU; with gradients on it is the differentiable conv and GELU."""
+    from torch.profiler import profile
+
+    from model import conv_gelu
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)
+    x = torch.randn(2, 6, 6, 32).permute(0, 3, 1, 2)  # channels-last, as in ConvMLP
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=dtype != torch.float32):
+            ref = torch.nn.functional.gelu(conv(x.to(dtype)))
+            with profile() as prof:
+                out = conv_gelu(conv, x.to(dtype))
+        assert any('convolution_pointwise' in e.key for e in prof.key_averages())
+        assert out.dtype == dtype and out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    out = conv_gelu(conv, x)
+    out.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
 def test_text_noise_has_the_asked_relative_norm():
     from diffusion import noise_text
     e = torch.nn.functional.normalize(torch.randn(2000, 384), dim=-1)
