@@ -2,7 +2,7 @@
 Train the denoiser on the latents and text embeddings that prepare.py wrote.
 
 One process (a CPU, or one GPU):
-    python train.py config/tiny.py                      # the emoji demo: ~8 minutes on 2 CPU cores
+    python train.py config/tiny.py                      # the emoji demo: 8-15 min on 2 CPU cores
     python train.py config/base.py                      # the base model on one GPU
     python train.py config/tiny.py --init_from=resume   # go on exactly where out_dir/ckpt.pt ended
 
