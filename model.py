@@ -76,7 +76,7 @@ class TokenLinear(nn.Linear):
                 or x.numel() * self.out_features < self.CONV_MIN_MACS):
             return super().forward(x)
         B, N, D = x.shape
-        x = x.view(B, N, 1, D).permute(0, 3, 1, 2)  # (B, D, N, 1), channels-last: no copy
+        x = x.reshape(B, N, 1, D).permute(0, 3, 1, 2)  # (B, D, N, 1), channels-last: a view
         y = F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, D_out, N, 1)
         return y.permute(0, 2, 3, 1).reshape(B, N, -1)  # a view when y is channels-last
 
