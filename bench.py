@@ -370,7 +370,9 @@ class PlainBlock(torch.nn.Module):
 
 class PlainDenoiser(torch.nn.Module):
     """x (B, C, H, W), σ (B,), text (B, D_text) -> x0 (B, C, H, W), as Denoiser with
-    conditioning='cross': the same parameters per layer and the same FLOPs."""
+    conditioning='cross': the same weights per layer (and a bias on the first 1×1 conv, which the
+    Denoiser leaves to the depthwise conv after it); the same FLOPs but the cross-attention's,
+    which the Denoiser's 2-key closed form cuts (7% fewer at 64 wide)."""
 
     def __init__(self, n_channels, image_size, patch_size, embed_dim, n_layers, text_emb_size,
                  mlp_multiplier=4, head_dim=64):

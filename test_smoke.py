@@ -293,6 +293,25 @@ def test_fused_conv_gelu_in_cpu_inference_equals_conv_then_gelu():
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
+def test_bench_yardstick_is_the_reference_architecture(monkeypatch):
+    """bench.py's plain implementation has the Denoiser's reference block (conditioning='cross'):
+    the same weights per layer but fc1's bias, the same FLOPs, and the same output shape."""
+    monkeypatch.setattr(sys, 'argv', ['bench.py'])
+    import bench
+    args = dict(n_channels=4, image_size=16, patch_size=2, embed_dim=64, n_layers=2, head_dim=32,
+                text_emb_size=24)
+    plain, denoiser = bench.PlainDenoiser(**args), Denoiser(**args)
+    assert plain.blocks[0].mlp[0].bias.numel() == 4 * 64
+    extra = sum(block.mlp[0].bias.numel() for block in plain.blocks)
+    n_plain = sum(p.numel() for p in plain.parameters())
+    assert n_plain - extra == denoiser.num_params()
+    x, sigma, text = torch.randn(3, 4, 16, 16), torch.rand(3), torch.randn(3, 24)
+    flops = [bench.count_flops(lambda: net(x, sigma, text)) for net in (plain, denoiser)]
+    assert plain(x, sigma, text).shape == x.shape
+    # the Denoiser's 2-key closed form skips the cross-attention's softmax matmuls: a few percent
+    assert 0.9 < flops[1] / flops[0] <= 1.0, flops
+
+
 def test_text_noise_has_the_asked_relative_norm():
     from diffusion import noise_text
     e = torch.nn.functional.normalize(torch.randn(2000, 384), dim=-1)
