@@ -130,7 +130,7 @@ def bench_peak():
             a = torch.randn(m, k, device=device, dtype=dtype)
             b = torch.randn(k, n, device=device, dtype=dtype)
             image = a.view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, k, m, 1): channels-last, no copy
-            kernel = b.t()[:, :, None, None]  # (n, k, 1, 1)
+            kernel = b.t().contiguous()[:, :, None, None]  # (n, k, 1, 1), dense as a layer's
             flops = [2 * m * k * n / timeit(f, n=10) for f in
                      (lambda: a @ b, lambda: torch.nn.functional.conv2d(image, kernel))]
             peaks[dtype] = max(peaks.get(dtype, 0), *flops)

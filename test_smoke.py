@@ -295,7 +295,8 @@ def test_fused_conv_gelu_in_cpu_inference_equals_conv_then_gelu():
 
 def test_bench_yardstick_is_the_reference_architecture(monkeypatch):
     """bench.py's plain implementation has the Denoiser's reference block (conditioning='cross'):
-    the same weights per layer but fc1's bias, the same FLOPs, and the same output shape."""
+    the same weights per layer but fc1's bias, the same FLOPs but what the 2-key closed form
+    saves, and the same output shape."""
     monkeypatch.setattr(sys, 'argv', ['bench.py'])
     import bench
     args = dict(n_channels=4, image_size=16, patch_size=2, embed_dim=64, n_layers=2, head_dim=32,

@@ -19,15 +19,17 @@ RUNS = [
 ]
 TARGETS = {'val': 50.0, 'held-out': 35.0}
 
-runs = [r for r in RUNS if r[1] is not None]
+TINY_STEPS = 21_000  # config/tiny.py's max_iters
+
 fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
-minutes = [r[1] for r in runs]
+minutes = [r[1] for r in RUNS]
 for column, name, color in ((2, 'val', 'tab:blue'), (3, 'held-out', 'tab:orange')):
-    ax.plot(minutes, [r[column] for r in runs], 'o-', color=color, label=f'{name} top-5')
+    ax.plot(minutes, [r[column] for r in RUNS], 'o-', color=color, label=f'{name} top-5')
     ax.axhline(TARGETS[name], color=color, lw=0.8, ls=':')
-ax.axvline(8.1, color='gray', lw=0.8, ls='--')
-ax.text(8.3, 5, 'config/tiny.py', color='gray', fontsize=8)
-for r in runs:
+tiny_minutes = next(r[1] for r in RUNS if r[0] == TINY_STEPS)
+ax.axvline(tiny_minutes, color='gray', lw=0.8, ls='--')
+ax.text(tiny_minutes + 0.2, 5, 'config/tiny.py', color='gray', fontsize=8)
+for r in RUNS:
     ax.annotate(f'{r[0] // 1000}k', (r[1], r[2]), textcoords='offset points', xytext=(-6, 6),
                 fontsize=7)
 ax.set_xlabel('minutes of training on 2 CPU cores (steps above the val points)')
