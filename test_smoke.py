@@ -1190,14 +1190,17 @@ def test_train_loss_goes_down_and_writes_sample_grids(tiny_run):
 
 def test_train_same_seed_is_identical_and_resume_is_exact(tmp_path):
     """N steps, a resume, N more steps: bitwise the 2N steps straight, data order (across an epoch
-    boundary), noise, EMA and optimizer state included."""
+    boundary), noise, EMA and optimizer state included; an architecture flag given to the resume
+    cannot change the checkpoint's model, and a note says so."""
     data = write_prepared(tmp_path / 'data')
     # 16 rows a step, 40 an epoch
     args = ['--max_iters=6', '--lr_decay_iters=6', '--gradient_accumulation_steps=2']
     train(data, tmp_path / 'a', *args)
     train(data, tmp_path / 'b', *args)
     train(data, tmp_path / 'c', *args[1:], '--max_iters=3')
-    train(data, tmp_path / 'c', *args, '--init_from=resume')
+    proc = train(data, tmp_path / 'c', *args, '--init_from=resume', '--n_layers=3')
+    assert ("note: resuming keeps the checkpoint's architecture: n_layers=2, not 3\n"
+            in proc.stdout), proc.stdout
     a, b, c = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b'), load_ckpt(tmp_path / 'c')
     for other in (b, c):
         for key in ('model', 'ema'):

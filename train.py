@@ -157,7 +157,6 @@ if ddp:
                             device_id=torch.device(device) if device_type == 'cuda' else None)
 ctx = autocast(device, dtype)  # none for float32
 
-
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from != 'resume' and os.path.exists(ckpt_path):  # never overwrite a run by accident
     sys.exit(f"error: {ckpt_path} exists; resume it (--init_from=resume) or pick another --out_dir")
@@ -242,6 +241,9 @@ else:
         sys.exit(f"error: {data_dir} has {n_channels} channels, the checkpoint's model "
                  f"{model_args['n_channels']}")
     if init_from == 'resume':  # continue exactly: same weights, optimizer, RNG and data position
+        if master_process and (kept := [k for k, v in model_args.items() if config.get(k, v) != v]):
+            print("note: resuming keeps the checkpoint's architecture: " + ', '.join(
+                f"{k}={model_args[k]!r}, not {config[k]!r}" for k in kept))
         model = Denoiser(**model_args)
         model.load_state_dict(ckpt['model'])
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
@@ -353,11 +355,9 @@ def update_ema(it):
 def save_checkpoint():
     """Write out_dir/ckpt.pt atomically: to ckpt.pt.tmp, then a rename, so a crash mid-write keeps
     the old one. Every rank calls this: the random states of all ranks are gathered into it."""
-    rng = rng_state(device)
-    rngs = [rng]
+    rngs = [rng_state(device)] * ddp_world_size  # one per rank
     if ddp:
-        rngs = [None] * ddp_world_size
-        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(rngs, rng_state(device))
     if master_process:
         checkpoint = {
             'model': raw_model.state_dict(),
@@ -369,7 +369,7 @@ def save_checkpoint():
             'best_val_loss': best_val_loss,
             'config': config,
             'data_meta': meta,
-            'rng': rngs,  # one per rank
+            'rng': rngs,
             'data_state': {'epoch': epoch, 'pos': data_pos},  # the next row of permutation(epoch)
         }
         torch.save(checkpoint, ckpt_path + '.tmp')
