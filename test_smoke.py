@@ -48,9 +48,10 @@ def run_in_process(script, *args, check=True):
         try:
             runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
         except SystemExit as e:
-            code = 1 if isinstance(e.code, str) else e.code or 0
-            if isinstance(e.code, str):
-                print(e.code, file=err)
+            code = e.code or 0
+            if isinstance(code, str):  # sys.exit(message): the message on stderr, status 1
+                print(code, file=err)
+                code = 1
         finally:
             for s, handler in handlers.items():
                 signal.signal(s, handler)

@@ -355,9 +355,9 @@ def update_ema(it):
 def save_checkpoint():
     """Write out_dir/ckpt.pt atomically: to ckpt.pt.tmp, then a rename, so a crash mid-write keeps
     the old one. Every rank calls this: the random states of all ranks are gathered into it."""
-    rngs = [rng_state(device)] * ddp_world_size  # one per rank
+    rngs = [rng_state(device)] * ddp_world_size  # one per rank: this one's, then all gathered
     if ddp:
-        dist.all_gather_object(rngs, rng_state(device))
+        dist.all_gather_object(rngs, rngs[ddp_rank])
     if master_process:
         checkpoint = {
             'model': raw_model.state_dict(),
