@@ -274,7 +274,8 @@ def test_attention_kernel_follows_device_dtype_and_amx(monkeypatch):
 
 def test_token_linear_as_a_convolution_equals_the_linear(monkeypatch):
     """On a CPU TokenLinear runs a large product as a 1×1 convolution: nn.Linear's outputs and
-    gradients, fp32 and under bf16 autocast, from nn.Linear's state dict; small ones stay linear."""
+    gradients, fp32 and under bf16 autocast, from nn.Linear's state dict; small ones stay linear,
+    and so does any under torch.compile."""
     from model import TokenLinear
     conv2d, calls = torch.nn.functional.conv2d, []
     monkeypatch.setattr(torch.nn.functional, 'conv2d',
@@ -301,6 +302,8 @@ def test_token_linear_as_a_convolution_equals_the_linear(monkeypatch):
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
     assert len(calls) == 2
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)  # as dynamo traces it
+    assert torch.equal(lin(x), ref(x)) and len(calls) == 2
 
 
 def test_fused_conv_gelu_in_cpu_inference_equals_conv_then_gelu():
