@@ -1147,11 +1147,15 @@ def write_prepared(path, size=16, n=40, n_val=8, dim=8, seed=0):
     return str(path)
 
 
-def train(data_dir, out_dir, *args, check=True, ddp=0, env=None):
+def train(data_dir, out_dir, *args, check=True, ddp=0, env=None, in_process=False):
+    """train.py on the tiny settings: in a process of its own (under torchrun with ddp processes),
+    or in this one (in_process) where no step runs, such as a bad flag."""
+    args = ['train.py', *TRAIN_TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', *args]
+    if in_process:
+        return run_in_process(*args, check=check)
     launcher = ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ddp}'] \
         if ddp else []
-    return run_script(*launcher, 'train.py', *TRAIN_TINY, f'--data_dir={data_dir}',
-                      f'--out_dir={out_dir}', *args, check=check, env=env)
+    return run_script(*launcher, *args, check=check, env=env)
 
 
 def load_ckpt(out_dir):
@@ -1265,8 +1269,7 @@ def test_train_errors_are_one_line(tmp_path, tiny_run):
          f"error: no checkpoint at '{tmp_path}/nothing.pt'"),
     ]
     for args, message in cases:  # in this process; the NaN-loss test runs train.py in its own
-        proc = run_in_process('train.py', *TRAIN_TINY, f'--data_dir={data}',
-                              f'--out_dir={tmp_path / "o"}', *args, check=False)
+        proc = train(data, tmp_path / 'o', *args, check=False, in_process=True)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 1 and last.startswith(message), (args, proc.stderr)
 
