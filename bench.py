@@ -403,14 +403,18 @@ def bench_reference(peaks):
     """Denoiser against PlainDenoiser on the small config, in one run, interleaved: a training
     step (forward, MSE, backward, AdamW) of batch_size images, and the sampling loop of 16 images
     × 15 guided steps (a forward of 32 each). Ratios > 1: the Denoiser is faster."""
+    from pipeline import compile_for_inference
     B, steps, rows = batch_size, 15, []
     x, sigma = torch.randn(B, 4, 32, 32, device=device), torch.rand(B, device=device)
     text = torch.randn(B, 768, device=device)
     nets = {'plain': PlainDenoiser(**MODEL_CONFIGS['small']),
             'cross': Denoiser(**MODEL_CONFIGS['small']),  # the reference's block
             'default': Denoiser(**MODEL_CONFIGS['small'], **DEFAULT_CONDITIONING)}
-    if compile:  # as config/tiny.py trains: the first call of each mode and dtype compiles
+    sampling_nets = dict(nets)
+    if compile:  # as config/tiny.py trains and sample.py --compile samples (a frozen copy)
         nets['default, compiled'] = torch.compile(copy.deepcopy(nets['default']))
+        sampling_nets['default, compiled'] = compile_for_inference(
+            copy.deepcopy(nets['default']).to(device))
     for dtype in ('float32', 'bfloat16'):
         def train_step(net, opt):
             with autocast(device, dtype):
@@ -427,11 +431,11 @@ def bench_reference(peaks):
         opts = {k: torch.optim.AdamW(n.to(device).parameters(), lr=1e-4) for k, n in nets.items()}
         for k, net in nets.items():  # warm up once: allocator, kernels, optimizer state
             train_step(net.train(), opts[k])
-            sample(net.eval())
+            sample(sampling_nets[k].eval())
         for _ in range(rounds):  # interleaved, so a busy moment hits every model alike
             for k, net in nets.items():
                 times[k].append((timeit(lambda: train_step(net.train(), opts[k]), n=1, warmup=0),
-                                 timeit(lambda: sample(net.eval()), n=1, warmup=0)))
+                                 timeit(lambda: sample(sampling_nets[k].eval()), n=1, warmup=0)))
         med = {k: [sorted(t[i] for t in v)[len(v) // 2] for i in (0, 1)] for k, v in times.items()}
         flops = count_flops(lambda: nets['plain'](x, sigma, text).sum().backward()) / B
         peak = peaks[PTDTYPES[dtype]]

@@ -123,11 +123,28 @@ def pipeline_from_checkpoint(ckpt, device='cpu', dtype='auto', compile=False, te
     scale_factor = float(meta.get('scale_factor', codec.scale_factor))
     params = sum(p.numel() for p in model.parameters())
     if compile:
-        model = torch.compile(model)
+        model = compile_for_inference(model)
     pipe = Pipeline(model, encoder, codec, scale_factor, device, dtype)
     pipe.ckpt_info = dict(iter_num=ckpt.get('iter_num'), text_encoder=meta.get('text_encoder'),
                           vae=meta.get('vae', 'none'), params=params)
     return pipe
+
+
+def compile_for_inference(model):
+    """torch.compile the model's forward for sampling, in place. On a CPU with inductor's freezing:
+    the weights become constants, so they are cast to bf16 once and prepacked for oneDNN (the
+    small config's 15-step guided loop of 16 images, bf16 on an AMX CPU: 1.04–1.17 s, against
+    1.45 eager and 1.49 compiled without it). The weights must not change after the first call.
+    Dynamo reads the flag while it traces, so it is set around each call, not for the process."""
+    import torch._inductor.config as inductor_config
+    forward = torch.compile(model.forward)
+    freezing = next(model.parameters()).device.type == 'cpu'
+
+    def frozen_forward(*args, **kwargs):
+        with inductor_config.patch(freezing=freezing):
+            return forward(*args, **kwargs)
+    model.forward = frozen_forward
+    return model
 
 
 def load_pipeline(path, device='cpu', dtype='auto', compile=False, text_encoder=True):

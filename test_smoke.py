@@ -275,8 +275,10 @@ def test_attention_kernel_follows_device_dtype_and_amx(monkeypatch):
 def test_token_linear_as_a_convolution_equals_the_linear(monkeypatch):
     """On a CPU TokenLinear runs a large product as a 1×1 convolution: nn.Linear's outputs and
     gradients, fp32 and under bf16 autocast, from nn.Linear's state dict; small ones stay linear,
-    and so does any under torch.compile."""
+    and so does any on a CPU with AMX or under torch.compile."""
+    import model as model_module
     from model import TokenLinear
+    monkeypatch.setattr(model_module, '_CPU_HAS_AMX', False)
     conv2d, calls = torch.nn.functional.conv2d, []
     monkeypatch.setattr(torch.nn.functional, 'conv2d',
                         lambda *a, **kw: calls.append(1) or conv2d(*a, **kw))
@@ -302,6 +304,9 @@ def test_token_linear_as_a_convolution_equals_the_linear(monkeypatch):
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
     assert len(calls) == 2
+    monkeypatch.setattr(model_module, '_CPU_HAS_AMX', True)
+    assert torch.equal(lin(x), ref(x)) and len(calls) == 2
+    monkeypatch.setattr(model_module, '_CPU_HAS_AMX', False)
     monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)  # as dynamo traces it
     assert torch.equal(lin(x), ref(x)) and len(calls) == 2
 
@@ -1752,6 +1757,25 @@ def test_pipeline_without_text_encoder_and_the_text_width_check(sample_run, tmp_
                 'data_meta': {'text_encoder': 'minilm', 'vae': 'none'}}, tmp_path / 'ckpt.pt')
     with pytest.raises(ValueError, match=r"gives 384-d embeddings, but the model in .* expects 8$"):
         load_pipeline(str(tmp_path), 'cpu', 'float32')
+
+
+def test_compiled_pipeline_samples_as_the_eager_one_with_frozen_weights(sample_run, monkeypatch):
+    """sample.py --compile: the compiled denoiser's samples are the eager one's, and on a CPU
+    inductor freezes its weights into the compiled code (what makes it fast)."""
+    import torch._inductor.freezing
+    from model import load_checkpoint
+    from pipeline import make_noise, pipeline_from_checkpoint
+    freeze, frozen = torch._inductor.freezing.freeze, []
+    monkeypatch.setattr(torch._inductor.freezing, 'freeze',
+                        lambda *a, **kw: frozen.append(1) or freeze(*a, **kw))
+    ckpt = load_checkpoint(str(sample_run / 'run'))
+    eager, compiled = (pipeline_from_checkpoint(ckpt, 'cpu', 'float32', compile=c,
+                                                text_encoder=False) for c in (False, True))
+    emb, noise = torch.randn(2, 384), make_noise([0, 1], eager.latent_shape())
+    expected = eager.sample_latents(emb, noise, cfg=7.0, steps=4)
+    got = compiled.sample_latents(emb, noise, cfg=7.0, steps=4)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert frozen, "inductor did not freeze the weights"
 
 
 # ===== eval.py and metrics.py: prompt fidelity, FID and KID, CLIP score =====
