@@ -328,9 +328,16 @@ def test_fused_conv_gelu_in_cpu_inference_equals_conv_then_gelu():
         assert any('convolution_pointwise' in e.key for e in prof.key_averages())
         assert out.dtype == dtype and out.shape == ref.shape
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-    out = conv_gelu(conv, x)
-    out.sum().backward()
-    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    for bf16, tol in ((False, 1e-6), (True, 2e-2)):  # with gradients: GELU on the dense view
+        xg = x.clone().requires_grad_()
+        with torch.autocast('cpu', torch.bfloat16, enabled=bf16):
+            out, ref = conv_gelu(conv, xg), torch.nn.functional.gelu(conv(xg))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        grads = [torch.autograd.grad(y.float().square().sum(), (xg, conv.weight))
+                 for y in (out, ref)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
 
 
 def test_bench_yardstick_is_the_reference_architecture(monkeypatch):
