@@ -1,63 +1,66 @@
 """
-Measured speed and sampler accuracy, as tables of ratios taken in one run on this machine.
+Measured speed and sampler accuracy, as tables of ratios taken in one run on this machine. Its
+first lines say which CPU (or GPU) and dtypes it measured; figures from past runs: docs/speed.md.
 
     python bench.py                              # everything (on CPU the base config takes minutes)
-    python bench.py --only=model --configs=small # one table
+    python bench.py --only model --configs small # one table
+    python bench.py --only reference --dtypes float32 bfloat16  # also bf16 where it is emulated
     python bench.py --device=cuda                # on a GPU
 
 Tables:
-- peak: this machine's own fp32 and bf16 throughput on two products (square, and tall like the
-  MLP's), as a matmul and as a 1×1 convolution: the fastest is the yardstick below.
-- reference: the Denoiser (with the reference's cross-attention block, and with train.py's
-  default conditioning, eager and compiled) against a plain implementation of the reference
-  architecture: a train step and the guided sampling loop, fp32 and bf16.
-- model: forward and forward+backward images/s of the denoiser, fp32 and bf16 autocast, eager
-  and compiled, its FLOPs per image (torch.utils.flop_counter, corrected, see count_flops) and the
-  achieved FLOP/s as a fraction of the peak of the same dtype.
+- peak: this machine's own matmul throughput in each dtype, square and tall like the MLP's: the
+  yardstick of the other tables' shares of the peak.
+- reference: the Denoiser (with the reference's cross-attention block, and with the default
+  adaLN-Zero + text prior, eager and compiled) against a plain implementation of the reference
+  architecture: a train step and the guided sampling loop.
+- model: forward and forward+backward images/s of the default denoiser, eager and compiled, its
+  FLOPs per image (torch.utils.flop_counter, corrected, see count_flops) and the achieved FLOP/s
+  as a share of the peak of the same dtype.
 - samplers: RMS error against the exact probability-flow solution on Gaussian data.
-- prepare, sample, eval: throughput of the other scripts on the tiny emoji setup.
+- sample, eval, prepare: throughput of the other scripts on the tiny emoji setup.
 """
 import copy
+import os
+import platform
 import runpy
 import sys
 import time
 
 import torch
+from einops import rearrange
 from torch.utils.flop_counter import (FlopCounterMode, conv_flop_count, sdpa_backward_flop_count,
                                       sdpa_flop_count)
 
-from configurator import configure
-from einops import rearrange
-
+from configurator import configure, fail
 from diffusion import SAMPLERS, GaussianData, guided_denoiser, sample_dpmpp_2m, sigma_schedule
-from model import PTDTYPES, Denoiser, autocast, sinusoidal_embedding
+from model import PTDTYPES, Denoiser, autocast, resolve_dtype, sinusoidal_embedding
 
 # -----------------------------------------------------------------------------
-only = ''  # comma list of tables: peak,reference,model,samplers,prepare,sample,eval ('' = all)
-configs = 'small,base'
+only = []  # tables to run, e.g. --only reference model; [] = all of TABLES
+configs = ['small', 'base']
+dtypes = ['float32', 'auto']  # auto: bf16 where the CPU has it natively (model.resolve_dtype)
 device = 'cpu'
-compile = True  # also time torch.compile'd models (the first call of each compiles, ~1 min on CPU)
+compile = True  # also time torch.compile'd models (each compiles on its first call: slow on CPU)
 batch_size = 32  # for the small config; base uses base_batch_size on CPU, where it is slow
 base_batch_size = 8
 iters = 5  # timed iterations per cell, after warmup
 rounds = 5  # reference: interleaved rounds of every model, the median is reported
 seed = 0
 # -----------------------------------------------------------------------------
-config = configure(globals(), sys.argv[1:])
 
-# the two sizes timed, with the reference's block: a small model (4 layers, 256 wide) and
-# config/base.py's size (101.5M); the reference table adds train.py's default conditioning
-DEFAULT_CONDITIONING = dict(conditioning='adaln', text_prior=16)  # train.py's defaults
-MODEL_CONFIGS = {
+TABLES = ('peak', 'reference', 'model', 'samplers', 'sample', 'eval', 'prepare')
+REFERENCE_BLOCK = dict(conditioning='cross', text_prior=0)  # the Denoiser as the reference model
+MODEL_CONFIGS = {  # the two sizes timed: a small model and config/base.py's size
     'small': dict(n_channels=4, image_size=32, patch_size=2, embed_dim=256, n_layers=4,
                   text_emb_size=768),
     'base': dict(n_channels=4, image_size=32, patch_size=2, embed_dim=768, n_layers=12,
                  text_emb_size=768),
 }
+DTYPES = []  # the resolved dtypes measured, set by main()
 
 
 def wanted(table):
-    return not only or table in only.split(',')
+    return not only or table in only
 
 
 def sync():
@@ -65,13 +68,13 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timeit(fn, n=iters, warmup=2):
-    """Seconds per call of fn, the median of n calls after warmup ones."""
+def timeit(fn, n=None, warmup=2):
+    """Seconds per call of fn, the median of n (default iters) calls after warmup ones."""
     for _ in range(warmup):
         fn()
     sync()
     times = []
-    for _ in range(n):
+    for _ in range(n or iters):
         t0 = time.perf_counter()
         fn()
         sync()
@@ -86,6 +89,31 @@ def print_table(title, header, rows):
         print('| ' + ' | '.join(str(x).rjust(w) for x, w in zip(row, widths)) + ' |')
         if i == 0:
             print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+
+
+def cpu_kind(cpuinfo='/proc/cpuinfo'):
+    """'model name (AVX512 yes, AVX512-bf16 no, AMX no)': what decides the speed of each dtype on
+    a CPU."""
+    try:
+        with open(cpuinfo) as f:
+            first = f.read().split('\n\n')[0]  # the first processor's fields
+    except OSError:  # not Linux
+        return f"{platform.processor() or platform.machine()} (instruction sets unknown)"
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(':') for line in
+                                                   first.splitlines())}
+    has = lambda flag: 'yes' if flag in fields.get('flags', '').split() else 'no'
+    return (f"{fields.get('model name', 'unknown CPU')} (AVX512 {has('avx512f')}, AVX512-bf16 "
+            f"{has('avx512_bf16')}, AMX {has('amx_bf16')})")
+
+
+def device_kind():
+    """The first lines' description of what is measured."""
+    if device.startswith('cuda'):
+        name = f"{torch.cuda.get_device_name(device)} (compute capability " \
+               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
+    else:
+        name = f"{cpu_kind()}, {torch.get_num_threads()} threads"
+    return f"bench.py on {device}: {name}, torch {torch.__version__}"
 
 
 # ----- FLOP counting -----
@@ -121,28 +149,23 @@ def count_flops(fn):
 # ----- tables -----
 
 def bench_peak():
-    """fp32 and bf16 FLOP/s of a square product and of a tall one shaped like the MLP's (8192
-    tokens, 1024 -> 256), each as a matmul and as a 1×1 convolution (oneDNN, which beats the
-    matmul on tall products on some CPUs). The fastest is the ceiling the other tables divide by."""
+    """FLOP/s of a square product and of a tall one shaped like the MLP's (8192 tokens, 1024 ->
+    256) in each measured dtype: the ceiling the other tables divide by."""
     peaks, rows = {}, []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in DTYPES:
         for m, k, n in ((2048, 2048, 2048), (8192, 1024, 256)):
-            a = torch.randn(m, k, device=device, dtype=dtype)
-            b = torch.randn(k, n, device=device, dtype=dtype)
-            image = a.view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, k, m, 1): channels-last, no copy
-            kernel = b.t().contiguous()[:, :, None, None]  # (n, k, 1, 1), dense as a layer's
-            flops = [2 * m * k * n / timeit(f, n=10) for f in
-                     (lambda: a @ b, lambda: torch.nn.functional.conv2d(image, kernel))]
-            peaks[dtype] = max(peaks.get(dtype, 0), *flops)
-            rows.append([str(dtype).removeprefix('torch.'), f"{m}×{k} @ {k}×{n}",
-                         *(f"{f / 1e9:.0f}" for f in flops)])
-    print_table('peak: GFLOP/s of one product', ['dtype', 'shape', 'matmul', '1×1 conv'], rows)
+            a = torch.randn(m, k, device=device, dtype=PTDTYPES[dtype])
+            b = torch.randn(k, n, device=device, dtype=PTDTYPES[dtype])
+            flops = 2 * m * k * n / timeit(lambda: a @ b, n=10)
+            peaks[dtype] = max(peaks.get(dtype, 0), flops)
+            rows.append([dtype, f"{m}×{k} @ {k}×{n}", f"{flops / 1e9:.0f}"])
+    print_table('peak: GFLOP/s of one matmul', ['dtype', 'shape', 'GFLOP/s'], rows)
     return peaks
 
 
 def bench_model(peaks):
     rows = []
-    for name in configs.split(','):
+    for name in configs:
         torch.manual_seed(seed)
         model = Denoiser(**MODEL_CONFIGS[name]).to(device)
         B = batch_size if name == 'small' or device != 'cpu' else base_batch_size
@@ -156,29 +179,25 @@ def bench_model(peaks):
         fwd_flops = count_flops(lambda: model(x, sigma, text)) / B
         train_flops = count_flops(lambda: model(x, sigma, text).sum().backward()) / B
         model.zero_grad(set_to_none=True)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in DTYPES:
             for compiled in ([False, True] if compile else [False]):
                 torch._dynamo.reset()
                 net = torch.compile(model) if compiled else model
-                autocast = torch.autocast(device.split(':')[0], dtype=torch.bfloat16,
-                                          enabled=dtype == torch.bfloat16)
 
                 def forward():
-                    with torch.no_grad(), autocast:
+                    with torch.no_grad(), autocast(device, dtype):
                         net(x, sigma, text)
 
                 def train_step():
-                    with autocast:
+                    with autocast(device, dtype):
                         loss = net(x, sigma, text).float().pow(2).mean()
                     loss.backward()
-                t_fwd = timeit(forward)
-                t_train = timeit(train_step)
+                t_fwd, t_train = timeit(forward), timeit(train_step)
                 model.zero_grad(set_to_none=True)
-                peak = peaks[dtype]
-                rows.append([name, str(dtype).removeprefix('torch.'), 'yes' if compiled else 'no',
-                             f"{B / t_fwd:.1f}", f"{B / t_train:.1f}", f"{fwd_flops / 1e9:.2f}",
-                             f"{fwd_flops * B / t_fwd / peak:.0%}",
-                             f"{train_flops * B / t_train / peak:.0%}"])
+                rows.append([name, dtype, 'yes' if compiled else 'no', f"{B / t_fwd:.1f}",
+                             f"{B / t_train:.1f}", f"{fwd_flops / 1e9:.2f}",
+                             f"{fwd_flops * B / t_fwd / peaks[dtype]:.0%}",
+                             f"{train_flops * B / t_train / peaks[dtype]:.0%}"])
                 print('  ' + ' '.join(rows[-1]), flush=True)
     print_table('model: denoiser throughput (share of the same dtype\'s peak)',
                 ['config', 'dtype', 'compiled', 'fwd img/s', 'fwd+bwd img/s', 'fwd GFLOP/img',
@@ -186,30 +205,27 @@ def bench_model(peaks):
 
 
 def tiny_model():
-    """An (untrained: speed does not depend on the weights) denoiser of config/tiny.py's shape,
-    with train.py's default conditioning."""
+    """An (untrained: speed does not depend on the weights) denoiser of config/tiny.py's shape."""
     c = runpy.run_path('config/tiny.py')
+    shape = {k: c[k] for k in ('patch_size', 'embed_dim', 'n_layers', 'mlp_multiplier',
+                               'head_dim') if k in c}
     torch.manual_seed(seed)
-    return Denoiser(n_channels=3, image_size=32, patch_size=c['patch_size'],
-                    embed_dim=c['embed_dim'], n_layers=c['n_layers'],
-                    mlp_multiplier=c['mlp_multiplier'], head_dim=c['head_dim'],
-                    text_emb_size=384, **DEFAULT_CONDITIONING).eval().to(device)
+    return Denoiser(n_channels=3, image_size=32, text_emb_size=384, **shape).eval().to(device)
 
 
 def bench_sample(peaks):
     """sample.py's three phases for 36 images at 15 steps with cfg (72 images per model call), on
-    the tiny emoji model; and the denoising loop of the small config as a share of the bf16 peak."""
-    from pipeline import Pipeline, make_noise
+    the tiny emoji model; and the denoising loop of the small config as a share of the peak."""
     from encoders import ImageCodec, TextEncoder
+    from sample import Pipeline, make_noise
     prompts, steps, cfg = [f'prompt {i}' for i in range(36)], 15, 7.0
     rows = []
-    for name in ('tiny', 'small'):
+    for name, dtype in ((name, dtype) for name in ('tiny', 'small') for dtype in DTYPES):
         model = tiny_model() if name == 'tiny' else \
             Denoiser(**MODEL_CONFIGS['small']).eval().to(device)
         text_encoder = TextEncoder('minilm', device) if name == 'tiny' else None
-        pipe = Pipeline(model, text_encoder, ImageCodec('none', device), 1.0, device, dtype='auto')
-        shape = pipe.latent_shape()
-        noise = make_noise(range(36), shape)
+        pipe = Pipeline(model, text_encoder, ImageCodec('none', device), 1.0, device, dtype)
+        noise = make_noise(range(36), pipe.latent_shape())
         if text_encoder is not None:
             t_text = timeit(lambda: pipe.encode_text(prompts), n=3, warmup=1)
             emb = pipe.encode_text(prompts)
@@ -224,10 +240,9 @@ def bench_sample(peaks):
         flops = count_flops(lambda: model(torch.cat([noise, noise]).to(device),
                                           torch.rand(72, device=device),
                                           torch.cat([emb, emb]))) * steps
-        peak = peaks[torch.bfloat16 if pipe.dtype == 'bfloat16' else torch.float32]
-        rows.append([name, pipe.dtype, f"{t_text:.2f}", f"{t_denoise:.2f}", f"{t_decode:.3f}",
+        rows.append([name, dtype, f"{t_text:.2f}", f"{t_denoise:.2f}", f"{t_decode:.3f}",
                      f"{t_text + t_denoise + t_decode:.2f}" if name == 'tiny' else '-',
-                     f"{flops / t_denoise / peak:.0%}"])
+                     f"{flops / t_denoise / peaks[dtype]:.0%}"])
         print('  ' + ' '.join(rows[-1]), flush=True)
     print_table('sample: 36 images, 15 steps, cfg 7 at every step (seconds)',
                 ['model', 'dtype', 'text', 'denoise', 'decode', 'total', 'denoise % peak'], rows)
@@ -244,12 +259,11 @@ def make_random_vae(path, block_out_channels=(32, 64, 128, 128), latent_channels
                   block_out_channels=tuple(block_out_channels), latent_channels=latent_channels,
                   layers_per_block=1, norm_num_groups=min(32, block_out_channels[0])
                   ).save_pretrained(path)
-    return path
+    return str(path)
 
 
 def make_image_folder(path, n, size=256, seed=0):
     """n random-but-smooth JPEG photos of size x size px with .txt captions, as a folder source."""
-    import os
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -267,9 +281,8 @@ def time_prepare(source='emoji', n_images=0, image_size=32, vae='none', batch_si
     """prepare.py on one setting, everything counted (loading the encoders, decoding, encoding,
     writing). source='folder' makes n_images random 256 px JPEGs; vae='random' is make_random_vae().
     Rows are image-caption pairs (the emoji set has 9 an image: 6 training, 1 val, 2 held-out)."""
-    import os
     import tempfile
-    import prepare
+    from prepare import prepare
     with tempfile.TemporaryDirectory() as tmp:
         kw = dict(source=source, out_dir=os.path.join(tmp, 'out'), image_size=image_size,
                   device=device, text_encoder='minilm', batch_size=batch_size, limit=n_images)
@@ -277,7 +290,7 @@ def time_prepare(source='emoji', n_images=0, image_size=32, vae='none', batch_si
             kw['input'] = make_image_folder(os.path.join(tmp, 'images'), n_images or 64, size=256)
         kw['vae'] = make_random_vae(os.path.join(tmp, 'vae')) if vae == 'random' else vae
         t = time.time()
-        meta = prepare.prepare(**kw)
+        meta = prepare(**kw)
         seconds = time.time() - t
     rows = meta['n'] + meta['n_val'] + meta.get('n_heldout', 0)
     return dict(images=meta['items'], rows=rows, seconds=seconds, rows_per_s=rows / seconds,
@@ -302,15 +315,15 @@ def bench_prepare():
 def bench_eval():
     """eval.py's scoring of 256 images (one row of its table) against the 1,886 distinct emoji:
     prompt fidelity and diversity; FID/KID's Inception features of the 256 images (one timed call,
-    after a warm-up batch), and FID + KID of those features against 1,886 reference features. The
+    after a warm-up batch), and FID + KID of those features against 1,886 real features. The
     sampling it also does is sample.py's speed, above."""
     import metrics
     g = torch.Generator().manual_seed(seed)
-    ref = metrics.Reference(torch.rand(1886, 3, 32, 32, generator=g))
+    real = metrics.RealImages(torch.rand(1886, 3, 32, 32, generator=g))
     images = torch.rand(256, 3, 32, 32, generator=g)
-    targets = torch.randint(ref.K, (256,), generator=g)
-    t = timeit(lambda: metrics.measure(images, targets, 2, ref), n=5, warmup=1)
-    rows = [['prompt fidelity, diversity', 256, ref.K, f"{t:.3f}", f"{256 / t:.0f}"]]
+    targets = torch.randint(real.K, (256,), generator=g)
+    t = timeit(lambda: metrics.measure(images, targets, 2, real), n=5, warmup=1)
+    rows = [['prompt fidelity, diversity', 256, real.K, f"{t:.3f}", f"{256 / t:.0f}"]]
     try:
         inception = metrics.InceptionFeatures(device=device)
     except FileNotFoundError as e:
@@ -319,13 +332,12 @@ def bench_eval():
         inception(images[:32])  # warm-up: oneDNN picks its kernels
         t = timeit(lambda: inception(images), n=1, warmup=0)
         rows.append(['Inception features (299 px)', 256, '', f"{t:.1f}", f"{256 / t:.1f}"])
-        reference = metrics.FeatureReference(torch.rand(1886, 2048, generator=g,
-                                                        dtype=torch.float64))
+        real_feats = metrics.RealFeatures(torch.rand(1886, 2048, generator=g, dtype=torch.float64))
         feats = torch.rand(256, 2048, generator=g, dtype=torch.float64)
-        t = timeit(lambda: reference(feats), n=3, warmup=1)
-        rows.append(['FID + KID (100 subsets of 256)', 256, reference.n, f"{t:.2f}",
+        t = timeit(lambda: real_feats(feats), n=3, warmup=1)
+        rows.append(['FID + KID (100 subsets of 256)', 256, real_feats.n, f"{t:.2f}",
                      f"{256 / t:.0f}"])
-    print_table('eval: scoring', ['metric', 'images', 'reference', 'seconds', 'images/s'], rows)
+    print_table('eval: scoring', ['metric', 'images', 'real images', 'seconds', 'images/s'], rows)
 
 
 def bench_samplers():
@@ -370,9 +382,8 @@ class PlainBlock(torch.nn.Module):
 
 class PlainDenoiser(torch.nn.Module):
     """x (B, C, H, W), σ (B,), text (B, D_text) -> x0 (B, C, H, W), as Denoiser with
-    conditioning='cross': the same weights per layer (and a bias on the first 1×1 conv, which the
-    Denoiser leaves to the depthwise conv after it); the same FLOPs but the cross-attention's,
-    which the Denoiser's 2-key closed form cuts (7% fewer at 64 wide)."""
+    conditioning='cross', text_prior=0: the same weights per layer (and a bias on the first 1×1
+    conv, which the Denoiser leaves to the depthwise conv after it) and the same FLOPs."""
 
     def __init__(self, n_channels, image_size, patch_size, embed_dim, n_layers, text_emb_size,
                  mlp_multiplier=4, head_dim=64):
@@ -399,64 +410,74 @@ class PlainDenoiser(torch.nn.Module):
                          p2=self.p)
 
 
-def bench_reference(peaks):
-    """Denoiser against PlainDenoiser on the small config, in one run, interleaved: a training
+def bench_vs_reference(peaks):
+    """The Denoiser against PlainDenoiser on the small config, in one run, interleaved: a training
     step (forward, MSE, backward, AdamW) of batch_size images, and the sampling loop of 16 images
     × 15 guided steps (a forward of 32 each). Ratios > 1: the Denoiser is faster."""
-    from pipeline import compile_for_inference
+    from sample import compile_for_inference
     B, steps, rows = batch_size, 15, []
     x, sigma = torch.randn(B, 4, 32, 32, device=device), torch.rand(B, device=device)
     text = torch.randn(B, 768, device=device)
     nets = {'plain': PlainDenoiser(**MODEL_CONFIGS['small']),
-            'cross': Denoiser(**MODEL_CONFIGS['small']),  # the reference's block
-            'default': Denoiser(**MODEL_CONFIGS['small'], **DEFAULT_CONDITIONING)}
+            'cross': Denoiser(**MODEL_CONFIGS['small'], **REFERENCE_BLOCK),
+            'default': Denoiser(**MODEL_CONFIGS['small'])}
     sampling_nets = dict(nets)
     if compile:  # as config/tiny.py trains and sample.py --compile samples (a frozen copy)
         nets['default, compiled'] = torch.compile(copy.deepcopy(nets['default']))
         sampling_nets['default, compiled'] = compile_for_inference(
             copy.deepcopy(nets['default']).to(device))
-    for dtype in ('float32', 'bfloat16'):
-        def train_step(net, opt):
+    opts = {k: torch.optim.AdamW(n.to(device).parameters(), lr=1e-4) for k, n in nets.items()}
+    flops = count_flops(lambda: nets['plain'](x, sigma, text).sum().backward()) / B
+    nets['plain'].zero_grad(set_to_none=True)
+    for dtype in DTYPES:
+        def train_step(k):
             with autocast(device, dtype):
-                loss = (net(x, sigma, text).float() - x).square().mean()
+                loss = (nets[k].train()(x, sigma, text).float() - x).square().mean()
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
 
-        def sample(net):
-            denoise = guided_denoiser(net, text[:16], cfg=7.0)
+        def sample(k):
+            denoise = guided_denoiser(sampling_nets[k].eval(), text[:16], cfg=7.0)
             with autocast(device, dtype):
                 sample_dpmpp_2m(denoise, x[:16], sigma_schedule(steps))
         times = {k: [] for k in nets}
-        opts = {k: torch.optim.AdamW(n.to(device).parameters(), lr=1e-4) for k, n in nets.items()}
-        for k, net in nets.items():  # warm up once: allocator, kernels, optimizer state
-            train_step(net.train(), opts[k])
-            sample(sampling_nets[k].eval())
+        for k in nets:  # warm up once: allocator, kernels, optimizer state
+            train_step(k)
+            sample(k)
         for _ in range(rounds):  # interleaved, so a busy moment hits every model alike
-            for k, net in nets.items():
-                times[k].append((timeit(lambda: train_step(net.train(), opts[k]), n=1, warmup=0),
-                                 timeit(lambda: sample(sampling_nets[k].eval()), n=1, warmup=0)))
+            for k in nets:
+                times[k].append((timeit(lambda: train_step(k), n=1, warmup=0),
+                                 timeit(lambda: sample(k), n=1, warmup=0)))
         med = {k: [sorted(t[i] for t in v)[len(v) // 2] for i in (0, 1)] for k, v in times.items()}
-        flops = count_flops(lambda: nets['plain'](x, sigma, text).sum().backward()) / B
-        peak = peaks[PTDTYPES[dtype]]
         for k in nets:
             tr, sa = med[k]
             rows.append([k, dtype, f"{B / tr:.1f}", f"{med['plain'][0] / tr:.2f}x",
-                         f"{flops * B / tr / peak:.0%}", f"{sa:.2f}",
+                         f"{flops * B / tr / peaks[dtype]:.0%}", f"{sa:.2f}",
                          f"{med['plain'][1] / sa:.2f}x"])
             print('  ' + ' '.join(rows[-1]), flush=True)
-    print_table('reference: Denoiser vs a plain implementation (small config, medians of '
-                f'{rounds} interleaved rounds)',
+    print_table('reference: the Denoiser vs a plain implementation of the reference (small config, '
+                f'medians of {rounds} interleaved rounds)',
                 ['model', 'dtype', 'train img/s', 'vs plain', 'train % peak', 'sample s',
                  'vs plain'], rows)
 
 
-if __name__ == '__main__':
+def main():
+    for key, values, known in (('only', only, TABLES), ('configs', configs, MODEL_CONFIGS)):
+        if unknown := [v for v in values if v not in known]:
+            fail(f"--{key}: unknown {unknown[0]!r}, expected some of {' '.join(known)} "
+                 f"(separated by spaces)")
+    for d in dtypes:
+        if d != 'auto' and d not in PTDTYPES:
+            fail(f"--dtypes: expected 'auto' or some of {sorted(PTDTYPES)}, got {d!r}")
+    DTYPES[:] = dict.fromkeys(resolve_dtype(d, device) for d in dtypes)  # in order, once each
     torch.set_float32_matmul_precision('high')  # TF32 on GPUs, as train.py does
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(device_kind())
+    print(f"dtypes measured: {', '.join(DTYPES)} (auto is {resolve_dtype('auto', device)} here)",
+          flush=True)
     peaks = bench_peak() if any(map(wanted, ('peak', 'reference', 'model', 'sample'))) else None
     if wanted('reference'):
-        bench_reference(peaks)
+        bench_vs_reference(peaks)
     if wanted('model'):
         bench_model(peaks)
     if wanted('samplers'):
@@ -467,3 +488,8 @@ if __name__ == '__main__':
         bench_eval()
     if wanted('prepare'):
         bench_prepare()
+
+
+if __name__ == '__main__':
+    configure(globals(), sys.argv[1:])
+    main()

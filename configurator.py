@@ -7,21 +7,22 @@ nanoGPT's "poor man's configurator", with its traps fixed. Every script does
 and then reads its settings as plain module globals. The arguments are applied in order:
 
     python train.py config/tiny.py --batch_size=64 --compile=False
-    python sample.py --prompt "a cute owl" --cfg 7 --n=4
-    python sample.py --interp "a cat" "a dog" --frames 8
+    python sample.py --prompt "a cute owl" "a red apple" --cfg 7 --n=4
 
 - `config/x.py` (a path, not starting with --) is executed; it may set any existing global.
 - `--key=value` and `--key value` both work. A value is parsed as a Python literal when it is one
   (7, 3e-4, True, None, (32, 64)) and kept as a string otherwise ("a cute owl").
-- `--key v1 v2 ...` gives a list; `--flag` alone sets a bool to True.
+- `--key v1 v2 ...` gives a list (a tuple or list setting); `--flag` alone sets a bool to True.
 - A `None` default accepts any value; an int is accepted for a float; anything else must match the
-  default's type. Unknown keys and wrong types are one-line errors naming the key.
+  default's type. Floats must be finite. Unknown keys and wrong types are one-line errors.
 
-Scripts report bad input with fail(message): "error: message" on stderr, exit status 1, no
-traceback.
+A library call with keyword arguments gets the same checks from settings(defaults, overrides).
+Scripts report bad input with fail(message): "error: message" on stderr, exit status 1.
 """
 import ast
 import difflib
+import math
+from types import SimpleNamespace
 
 CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 
@@ -49,25 +50,46 @@ def _parse(text):
 
 
 def _coerce(key, value, default):
-    if default is None or value is None:
-        return value
-    if type(default) is float and type(value) is int:
-        return float(value)  # --lr=1 means 1.0
-    if type(default) in (tuple, list) and type(value) in (tuple, list):
-        return type(default)(value)
-    if type(default) in (tuple, list) and type(value) is not type(default):
-        return type(default)([value])  # a single value for a list-valued key
-    if type(value) is not type(default):
+    if type(default) in (tuple, list):
+        values = value if type(value) in (tuple, list) else [value]  # one value for a list key
+        kind = type(default[0]) if default else None
+        return type(default)(_coerce(key, v, kind() if kind else None) for v in values)
+    if type(default) is float and type(value) in (int, str):
+        try:
+            value = float(value)  # --lr=1 means 1.0, and --cfg nan is a non-finite number
+        except ValueError:
+            pass
+    if default is not None and value is not None and type(value) is not type(default):
         raise ConfigError(f"config key '{key}' expects {type(default).__name__} "
                           f"(default {default!r}), got {value!r}")
+    if type(value) is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     return value
 
 
-def _check_key(key, keys, where):
+def _check_key(key, keys, where=''):
     if key not in keys:
         close = difflib.get_close_matches(key, keys, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _value(key, texts, default):
+    """The value of --key from the texts after it. Strings stay as written for str settings and
+    for lists of strings: --prompt "1, 2" is a prompt."""
+    strings = type(default) is str or (type(default) in (tuple, list) and default
+                                       and all(type(v) is str for v in default))
+    values = [t if strings and type(_parse(t)) not in (tuple, list) else _parse(t) for t in texts]
+    if not values:
+        if type(default) is not bool:
+            raise ConfigError(f"config key '{key}' needs a value")
+        return True
+    if type(default) in (tuple, list):
+        return values[0] if len(values) == 1 and type(values[0]) in (tuple, list) else values
+    if len(values) > 1:
+        raise ConfigError(f"config key '{key}' takes one value, got {len(values)}: "
+                          f"{values!r} (quote a value with spaces)")
+    return values[0]
 
 
 def configure(namespace, argv, exit_on_error=True):
@@ -86,34 +108,28 @@ def configure(namespace, argv, exit_on_error=True):
                 i += 1
                 continue
             key, eq, text = arg[2:].partition('=')
-            _check_key(key, keys, '')
-            if eq:
-                texts, i = [text], i + 1
-            else:  # --key v1 [v2 ...] up to the next --option
-                j = i + 1
-                while j < len(argv) and not argv[j].startswith('--'):
-                    j += 1
-                texts, i = argv[i + 1:j], j
-            default = namespace[key]
-            # a str setting takes the text as written: --prompt "1, 2, 3" stays a string
-            values = texts if type(default) is str else [_parse(t) for t in texts]
-            if not values:
-                if type(default) is not bool:
-                    raise ConfigError(f"config key '{key}' needs a value")
-                value = True
-            elif len(values) == 1 and (type(default) not in (tuple, list)
-                                       or type(values[0]) in (tuple, list)):
-                value = values[0]  # --size 64, or --eval_sigmas="(0.1, 0.5)" as one literal
-            else:
-                value = values
-            if type(default) is str and isinstance(value, list):
-                value = ' '.join(str(v) for v in value)  # --prompt a cute owl (unquoted)
-            namespace[key] = _coerce(key, value, default)
+            _check_key(key, keys)
+            j = i + 1
+            while not eq and j < len(argv) and not argv[j].startswith('--'):
+                j += 1  # --key v1 [v2 ...] up to the next --option
+            texts, i = ([text], i + 1) if eq else (argv[i + 1:j], j)
+            namespace[key] = _coerce(key, _value(key, texts, namespace[key]), namespace[key])
+        for key in keys:  # a config file may set a float to inf too
+            _coerce(key, namespace[key], namespace[key])
     except ConfigError as e:
         if not exit_on_error:
             raise
         fail(e)
     return {k: namespace[k] for k in keys}
+
+
+def settings(defaults, overrides):
+    """defaults (a dict) with keyword overrides, checked like the command line -> a namespace."""
+    keys = config_keys(defaults)
+    for key in overrides:
+        _check_key(key, keys)
+    return SimpleNamespace(**{k: _coerce(k, overrides.get(k, v), v) for k, v in defaults.items()
+                              if k in keys})
 
 
 def _apply_file(namespace, keys, path):

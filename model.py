@@ -1,5 +1,5 @@
 """
-The transformer denoiser and its checkpoints.
+The transformer denoiser and its checkpoints, in plain PyTorch.
 
     model = Denoiser(n_channels=4, image_size=32, patch_size=2, embed_dim=768, n_layers=12,
                      text_emb_size=768)
@@ -7,20 +7,18 @@ The transformer denoiser and its checkpoints.
 
 The denoiser predicts the clean image x0 from x_t = (1-σ)·x0 + σ·ε (see diffusion.py). A block is
 self-attention over the image tokens, then the conditioning, then an MLP with a depthwise 3×3 conv
-on the token grid (LocalViT's FFN). The conditioning is chosen by `conditioning`:
+on the token grid (LocalViT's FFN). How the text gets in is two settings:
 
-    'cross'  the reference design: cross-attention to a short context, LayerNorm([σ token, text
-             token(s)]); text_tokens > 1 maps the pooled text to that many tokens with a small MLP
-    'adaln'  adaLN-Zero (DiT): σ and text give each block a shift, scale and gate around its
-             attention and MLP, zero-initialised so every block starts as the identity
+    conditioning='adaln'  adaLN-Zero (DiT): σ and text give each block a shift, scale and gate
+                          around its attention and MLP, zero-initialised so every block starts
+                          as the identity (the default: it measured best)
+    conditioning='cross'  the reference design: cross-attention to LayerNorm([σ token, text token])
+    text_prior=16         the caption mapped to a coarse grid of codes added to the input tokens:
+                          a per-position picture of what it should look like (0: off)
 
-text_prior adds the text, mapped straight to a token grid, to the input tokens: a per-position
-picture of what the caption should look like, cheap to learn. The constructor's defaults are the
-reference's block, which is what checkpoints without these settings were; train.py's defaults are
-adaLN-Zero and text_prior=16, which measured best (README).
+The reference's block is Denoiser(conditioning='cross', text_prior=0).
 """
 import contextlib
-import ctypes
 import math
 import os
 
@@ -31,9 +29,6 @@ from einops import rearrange
 
 CONDITIONINGS = ('cross', 'adaln')
 PRIOR_GRID = 8  # the text prior's grid, resized to the token grid: a coarse layout at any size
-PREDICTIONS = ('x0', 'v')  # what the network outputs; forward() always returns the x0 estimate
-_CPU_HAS_AMX = getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
-_HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def _pair(size):
@@ -48,125 +43,54 @@ def sinusoidal_embedding(sigma, dim, max_period=10_000.0):
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-def attention(q, k, v, dropout=0.0):
-    """softmax(q·kᵀ/√d)·v over (B, h, N, d) queries and (B, h, L, d) keys and values. SDPA's fused
-    kernel wins on GPUs and in fp32. On a CPU in bf16 two plain matmuls and a softmax are faster:
-    in training always (the fused backward is slow), in inference unless the CPU has AMX tiles,
-    which the fused bf16 kernel is built on (without them: 20 ms a call against 11.6 for the
-    small config)."""
-    if q.is_cuda or not torch.is_autocast_enabled('cpu') or (
-            _CPU_HAS_AMX and not torch.is_grad_enabled()):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # flash attention go brrr
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # dense for the batched matmuls
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, h, N, L)
-    return F.dropout(attn.softmax(dim=-1), dropout) @ v
-
-
-class TokenLinear(nn.Linear):
-    """nn.Linear on (B, N, D) tokens. On a CPU a large product runs as a 1×1 convolution on a
-    channels-last view of the same memory, which oneDNN does faster than the matmul (the small
-    config's fc2, (8192, 1024) -> 256: fp32 21 against 36 ms forward, 88 against 115 with the
-    backward; bf16 up to 18% faster forward, even backward). Below ~2^28 multiply-adds the
-    convolution's overhead loses (config/tiny.py: up to 27%), and on CPUs with AMX tiles the
-    matmul wins at every size (bf16 fc1: 1.7 against 1.8 ms forward, 7.3 against 8.3 with the
-    backward; fp32 even). Under torch.compile it stays a linear: inductor copies around a
-    convolution on a view (the small config's compiled forward: 320 ms, 235 as linears).
-    Parameters and checkpoints are nn.Linear's."""
-    CONV_MIN_MACS = 1 << 28
-
-    def forward(self, x):
-        if (x.device.type != 'cpu' or x.dim() != 3 or _CPU_HAS_AMX or torch.compiler.is_compiling()
-                or x.numel() * self.out_features < self.CONV_MIN_MACS):
-            return super().forward(x)
-        B, N, D = x.shape
-        x = x.reshape(B, N, 1, D).permute(0, 3, 1, 2)  # (B, D, N, 1), channels-last: a view
-        y = F.conv2d(x, self.weight[:, :, None, None], self.bias)  # (B, D_out, N, 1)
-        return y.permute(0, 2, 3, 1).reshape(B, N, -1)  # a view when y is channels-last
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection. As in the reference model there is
     no output projection: the heads go into the residual and the MLP that follows mixes them."""
 
     def __init__(self, dim, head_dim, dropout):
         super().__init__()
-        self.n_heads = dim // head_dim
-        self.qkv = TokenLinear(dim, 3 * dim, bias=False)
-        self.dropout = dropout
+        self.n_heads, self.dropout = dim // head_dim, dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
 
     def forward(self, x):  # (B, N, D)
         q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3,
                             h=self.n_heads)
-        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, h, N, hd)
-        return rearrange(y, 'b h n d -> b n (h d)')
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0)
+        return rearrange(y, 'b h n d -> b n (h d)')  # flash attention go brrr on GPUs
 
 
 class CrossAttention(nn.Module):
-    """Image tokens attend to a short context (B, L, D). For L = 2, the reference's [σ, text],
-    softmax over two keys is a sigmoid of the score difference, so the attention becomes
-        y = v1 + sigmoid(q·(k0 - k1)·s)·(v0 - v1),   q·(k0 - k1) = x·(Wqᵀ(k0 - k1))
-    one (B, N, D) × (B, D, h) matmul instead of four attention kernels."""
+    """Image tokens (B, N, D) attend to a short context (B, L, D): the reference's conditioning."""
 
     def __init__(self, dim, head_dim, dropout):
         super().__init__()
-        self.n_heads = dim // head_dim
-        self.scale = head_dim ** -0.5
+        self.n_heads, self.dropout = dim // head_dim, dropout
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.dropout = dropout
 
-    def forward(self, x, context):  # x (B, N, D), context (B, L, D)
-        h = self.n_heads
-        if context.shape[1] == 2 and not (self.training and self.dropout):
-            k, v = rearrange(self.kv(context), 'b l (two h d) -> two b l h d', two=2, h=h)
-            dk, dv = (k[:, 0] - k[:, 1]) * self.scale, v[:, 0] - v[:, 1]  # (B, h, hd)
-            wq = rearrange(self.q.weight, '(h d) c -> h d c', h=h).to(dk.dtype)  # (h, hd, D)
-            u = torch.einsum('bhd,hdc->bch', dk, wq)  # (B, D, h)
-            w = torch.sigmoid(x @ u.to(x.dtype))  # (B, N, h): the weight of key 0
-            y = v[:, 1, None] + w[..., None] * dv[:, None]  # (B, N, h, hd)
-            return y.flatten(2)
-        q = rearrange(self.q(x), 'b n (h d) -> b h n d', h=h)
-        k, v = rearrange(self.kv(context), 'b l (two h d) -> two b h l d', two=2, h=h)
-        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, h, N, hd)
+    def forward(self, x, context):
+        q = rearrange(self.q(x), 'b n (h d) -> b h n d', h=self.n_heads)
+        k, v = rearrange(self.kv(context), 'b l (two h d) -> two b h l d', two=2, h=self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0)
         return rearrange(y, 'b h n d -> b n (h d)')
 
 
 class ConvMLP(nn.Module):
-    """Linear -> depthwise 3×3 conv on the token grid -> GELU -> Linear (LocalViT's FFN).
-    The linears run on (B, N, D) tokens; the conv sees the same memory as a channels-last
-    (B, D, H, W) tensor, so neither rearrange copies."""
+    """Linear -> depthwise 3×3 conv on the token grid -> GELU -> Linear (LocalViT's FFN): the conv
+    lets neighbouring patches talk, which removes the patchy look of plain ViT denoisers."""
 
     def __init__(self, dim, mult, dropout):
         super().__init__()
         hidden = mult * dim
-        self.fc1 = TokenLinear(dim, hidden, bias=False)  # the conv's bias follows
+        self.fc1 = nn.Linear(dim, hidden, bias=False)  # the conv's bias follows
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
-        self.fc2 = TokenLinear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, grid):  # (B, N, D)
-        B, N, _ = x.shape
-        h = self.fc1(x)  # (B, N, mD)
-        h = h.view(B, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # (B, mD, H, W), channels-last
-        h = conv_gelu(self.dwconv, h).permute(0, 2, 3, 1).reshape(B, N, -1)  # (B, N, mD), a view
+        h = rearrange(self.fc1(x), 'b (h w) c -> b c h w', h=grid[0])  # a channels-last view
+        h = rearrange(F.gelu(self.dwconv(h)), 'b c h w -> b (h w) c')
         return self.dropout(self.fc2(h))
-
-
-def conv_gelu(conv, x):
-    """gelu(conv(x)) for a channels-last x. In CPU inference one oneDNN kernel does both, so the
-    activations cross memory once, not three times (the small config's (32, 1024, 16, 16): 4.7
-    against 12 ms in bf16, 17 against 31 in fp32). Otherwise GELU runs on the same memory seen as
-    a dense (B, H, W, C) tensor: torch's bf16 GELU on the channels-last 4-D view takes twice as
-    long (the same tensor: 3.4 against 1.7 ms forward, 4.9 against 3.4 backward). Under
-    torch.compile the plain pair, which inductor fuses itself when the weights are frozen."""
-    if torch.compiler.is_compiling():
-        return F.gelu(conv(x))
-    if (torch.is_grad_enabled() or x.device.type != 'cpu'
-            or x.dtype not in (torch.float32, torch.bfloat16) or not _HAS_ONEDNN):
-        return F.gelu(conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # views, no copies
-    w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)  # autocast does not see this op
-    return torch.ops.mkldnn._convolution_pointwise(x, w, b, conv.padding, conv.stride,
-                                                   conv.dilation, conv.groups, 'gelu', [], 'none')
 
 
 def modulate(x, shift, scale):
@@ -203,34 +127,27 @@ class Block(nn.Module):
 class Denoiser(nn.Module):
     def __init__(self, n_channels=4, image_size=32, patch_size=2, embed_dim=768, n_layers=12,
                  mlp_multiplier=4, head_dim=64, dropout=0.0, text_emb_size=768, cond_channels=0,
-                 conditioning='cross', text_tokens=1, text_prior=0, prediction='x0'):
+                 conditioning='adaln', text_prior=16):
         super().__init__()
-        if embed_dim % head_dim:
-            raise ValueError(f"embed_dim={embed_dim} must be a multiple of head_dim={head_dim}")
         H, W = _pair(image_size)
-        if H % patch_size or W % patch_size:
-            raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
-        if conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+        if embed_dim % head_dim or H % patch_size or W % patch_size:
+            raise ValueError(f"embed_dim={embed_dim} must be a multiple of head_dim={head_dim}, "
+                             f"image_size={image_size} of patch_size={patch_size}")
+        if conditioning not in CONDITIONINGS or text_prior < 0:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS} and text_prior >= 0, "
+                             f"got {conditioning!r} and {text_prior}")
         self.n_channels, self.cond_channels, self.patch_size = n_channels, cond_channels, patch_size
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if text_tokens < 1 or (conditioning == 'adaln' and text_tokens != 1) or text_prior < 0:
-            raise ValueError(f"text_tokens must be >= 1 (1 with conditioning='adaln') and "
-                             f"text_prior >= 0, got {text_tokens} and {text_prior}")
-        self.conditioning, self.prediction, D = conditioning, prediction, embed_dim
+        self.conditioning, D = conditioning, embed_dim
         # (c p1 p2) order: the inputs of extra channels come after those of the image,
         # which is what lets widen_input() add channels without touching the old weights
         self.patch_in = nn.Linear((n_channels + cond_channels) * patch_size ** 2, D)
         self.pos_emb = nn.Parameter(torch.randn(1, H // patch_size, W // patch_size, D) * 0.02)
         self.sigma_mlp = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
-        if conditioning == 'cross' and text_tokens == 1:
-            self.text_proj = nn.Linear(text_emb_size, D)  # the reference: one linear text token
-        else:  # a small MLP: a nonlinear text code, or text_tokens of them
-            self.text_proj = nn.Sequential(nn.Linear(text_emb_size, D), nn.GELU(),
-                                           nn.Linear(D, text_tokens * D))
         if conditioning == 'cross':
+            self.text_proj = nn.Linear(text_emb_size, D)  # the reference: one linear text token
             self.context_norm = nn.LayerNorm(D)
+        else:  # a nonlinear text code for the modulations
+            self.text_proj = nn.Sequential(nn.Linear(text_emb_size, D), nn.GELU(), nn.Linear(D, D))
         if text_prior:  # caption -> (8, 8, text_prior) -> D per position, zero at the start
             self.prior_in = nn.Linear(text_emb_size, PRIOR_GRID ** 2 * text_prior)
             self.prior_out = nn.Linear(text_prior, D, bias=False)
@@ -244,7 +161,6 @@ class Denoiser(nn.Module):
         """x (B, C, H, W) noisy input, sigma (B,), text_emb (B, D_text),
         cond (B, cond_channels, H, W) extra inputs (masked image and mask for outpainting).
         Returns the x0 prediction, (B, C, H, W)."""
-        x_t = x
         if cond is not None:
             x = torch.cat([x, cond], dim=1)  # (B, C + Cc, H, W)
         p = self.patch_size
@@ -254,25 +170,18 @@ class Denoiser(nn.Module):
         if hasattr(self, 'prior_in'):
             tokens = tokens + self.prior_offsets(text_emb, grid)
         tokens = tokens.flatten(1, 2)  # (B, N, D)
-        if autocast_dtype(tokens.device) == torch.bfloat16:  # the residual stream in bf16: half
-            # the bytes that LayerNorm and the adds move, which bound them on a CPU
-            tokens = tokens.to(torch.bfloat16)
 
-        D = tokens.shape[-1]
-        sigma_emb = self.sigma_mlp(sinusoidal_embedding(sigma, D).to(tokens.dtype))  # (B, D)
-        text = self.text_proj(text_emb).view(len(text_emb), -1, D)  # (B, K, D)
+        sigma_emb = self.sigma_mlp(sinusoidal_embedding(sigma, tokens.shape[-1]))  # (B, D)
+        text = self.text_proj(text_emb)  # (B, D)
         if self.conditioning == 'adaln':
-            c = F.silu(sigma_emb + text[:, 0])  # (B, D), the input of every modulation
+            c = F.silu(sigma_emb + text)  # (B, D), the input of every modulation
         else:
-            c = self.context_norm(torch.cat([sigma_emb[:, None], text], 1))  # (B, 1+K, D)
+            c = self.context_norm(torch.stack([sigma_emb, text], 1))  # (B, 2, D)
         for block in self.blocks:
             tokens = block(tokens, c, grid)
 
         out = self.patch_out(self.norm_out(tokens))  # (B, N, C·p·p)
-        out = rearrange(out, 'b (h w) (c p1 p2) -> b c (h p1) (w p2)', h=grid[0], p1=p, p2=p)
-        if self.prediction == 'v':  # v = ε - x0 and x_t = x0 + σ·v
-            return x_t.float() - sigma.float().view(-1, 1, 1, 1) * out.float()
-        return out
+        return rearrange(out, 'b (h w) (c p1 p2) -> b c (h p1) (w p2)', h=grid[0], p1=p, p2=p)
 
     def prior_offsets(self, text_emb, grid):
         """(B, D_text) -> (B, h, w, D): the caption's own per-position offset of the tokens."""
@@ -327,30 +236,15 @@ def resize_positional_table(table, grid):
 PTDTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def keep_freed_memory():
-    """glibc's malloc serves allocations above a threshold (128 KiB, raised as big blocks are
-    freed) with fresh pages from the OS and returns them on free, so every large activation
-    faults its pages in again. At the maximum threshold (32 MiB) and with no trimming, freed
-    tensors' memory is reused instead: a fresh process's bf16 sampling loop ran 1.6x faster on
-    a CPU. False where there is no glibc (macOS, Windows, musl): nothing changes there."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-keep_freed_memory()  # on import: whatever runs a model here wants it
-
-
 def resolve_dtype(dtype, device):
     """'auto' -> the fastest dtype for the device. GPUs: bf16 from compute capability 8 (Ampere) on,
     else fp16 (with a GradScaler in training); torch.cuda.is_bf16_supported() would say yes to a T4
     or V100 too, which only emulate bf16, slowly. CPUs: bf16 where matmuls have it natively
-    (AVX512-bf16, ~2x fp32), else fp32, as emulated bf16 is slow there too."""
+    (AVX512-bf16, AMX), else fp32, as emulated bf16 is slow there too. The one place that asks
+    the CPU: the encoders and the denoiser both come here."""
     if dtype != 'auto':
+        if dtype not in PTDTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(PTDTYPES)}, got {dtype!r}")
         return dtype
     device = torch.device(device)
     if device.type == 'cuda':
@@ -374,12 +268,6 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def autocast_dtype(device):
-    """The dtype autocast is running in on this device, None outside of it."""
-    device = torch.device(device).type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
 def autocast(device, dtype):
     """The autocast context for a resolved dtype: none for float32. Weights stay fp32, matmuls
     run in dtype; the sampler's arithmetic and the losses are fp32, outside of it."""
@@ -399,10 +287,10 @@ def load_checkpoint(path, device='cpu'):
                                 f"(train one with: python train.py config/tiny.py)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"'{path}' is not a readable nanoTLD checkpoint: "
-                         f"{type(e).__name__}: {e}") from None
-    missing = {'model', 'model_args'} - set(ckpt)
+    except Exception as e:  # torch's own message would suggest unsafe loading: never say that
+        raise ValueError(f"'{path}' is not a nanoTLD checkpoint (torch.load with weights_only "
+                         f"failed: {type(e).__name__})") from None
+    missing = {'model', 'model_args'} - set(ckpt if isinstance(ckpt, dict) else {})
     if missing:
         raise ValueError(f"'{path}' is not a nanoTLD checkpoint: missing {sorted(missing)}")
     return ckpt

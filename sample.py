@@ -1,49 +1,51 @@
 """
-Sample images from a trained nanoTLD model.
+Sample images from a trained nanoTLD model; the generation library that train.py, eval.py and
+bench.py import, with the command line under `if __name__ == '__main__'` at the end.
 
     python sample.py --out_dir=out-tiny --prompt "a cute owl" --cfg 7
-    python sample.py --out_dir=out-tiny --prompt_file=prompts.txt --n=8 --seed=11 --individual
+    python sample.py --out_dir=out-tiny --prompt "a cat" "a dog" --n=8 --seed=11   # a row each
+    python sample.py --out_dir=out-tiny --prompt_file=prompts.txt --individual     # a row a line
     python sample.py --ckpt=out-tiny/ckpt.pt --prompt "a cat" --negative "a red cat" --sampler=ddim
-    python sample.py --out_dir=out-tiny --prompt "a cat" --cfg_min_sigma=0    # guide every step
     python sample.py --out_dir=out-tiny --interp "a cat" "a dog" --frames 8  # walk in text space
     python sample.py --out_dir=out-tiny --prompt "a cat" --interp_seeds 1 2   # walk between noises
     python sample.py --out_dir=out-tiny --prompt "a cat" --size 64            # an untrained size
     python sample.py --out_dir=out-tiny-outpaint --prompt "a tree" --outpaint right --repeat 4
     python sample.py --out_dir=out-tiny-outpaint --prompt "a tree" --init_image in.png --mask m.png
 
-It writes one PNG grid (and with --individual each image too, in a folder named like the grid)
-and prints the paths. Image j of every prompt starts from the noise of seed+j, so the same
-arguments give bit-identical images, and the rows of a --prompt_file grid are comparable.
+It writes a PNG grid (--individual: each image too) to the run's samples/, named by what made it,
+never over an earlier run's: a second run adds -1, -2. Image j of every prompt starts from the noise
+of seed + j, so the same arguments give the same images.
 
-For viewing, the saved images are enlarged with nearest neighbour (each pixel becomes a square
-block, nothing is smoothed): by default (--zoom=0) by the smallest integer factor that makes every
-tile at least 128 px a side, so 32 px samples are saved 4x, 16 px ones 8x and 256 px ones as they
-are. --zoom=1 saves the raw pixels; --zoom=K enlarges K times.
-
-To generate from Python (eval.py and bench.py do), use pipeline.py.
+    from sample import load_pipeline, generate_images, save_grid
+    pipe = load_pipeline('out-tiny', device='cpu')                  # a run dir or a ckpt file
+    images = generate_images(pipe, ['a cat', 'a dog'], n=4, cfg=7)  # (8, 3, H, W) in [0, 1]
+    save_grid(images, 4, 'cats.png', zoom=0)                        # one row per prompt
 """
+import hashlib
+import itertools
 import math
 import os
+import re
 import sys
 import time
-from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from configurator import configure, fail
-from diffusion import SAMPLERS
-from model import PTDTYPES
-from pipeline import (OUTPAINT_DIRECTIONS, interpolation_inputs, load_pipeline, make_noise,
-                      outpaint_strip, read_image, read_mask, save_grid, slug, to_unit)
+from diffusion import SAMPLERS, generate, lerp, make_mask, slerp, trained_size
+from encoders import ImageCodec, TextEncoder
+from model import PTDTYPES, autocast, denoiser_from_checkpoint, load_checkpoint, resolve_dtype
+from prepare import Skip, read_image, replacing
 
 # -----------------------------------------------------------------------------
-# what to sample from
-out_dir = 'out'  # the training run: out_dir/ckpt.pt
-ckpt = ''  # or a checkpoint file, which wins over out_dir
-# what to sample
-prompt = 'a cute owl'
-prompt_file = ''  # many prompts, one per line: one grid row each
+# the command line's settings: only the code under __main__ reads them, the library takes arguments
+out_dir = 'out'  # the training run: out_dir/ckpt.pt; grids go to out_dir/samples/
+ckpt = ''  # or a checkpoint file or run dir, which wins over out_dir
+prompt = ('a cute owl',)  # one grid row per prompt: --prompt "a cat" "a dog"
+prompt_file = ''  # or one prompt per line
 negative = ''  # a prompt to steer away from: replaces the zero "unconditional" embedding
 n = 4  # images per prompt
 cfg = 7.0  # classifier-free guidance scale; 1 = no guidance (and half the compute)
@@ -51,212 +53,357 @@ cfg_min_sigma = 0.2  # guide only the steps from σ > this (a limited guidance i
 seed = 0  # image j of every prompt starts from the noise of seed + j
 steps = 15
 sampler = 'dpmpp2m'  # 'dpmpp2m' or 'ddim'
-size = None  # pixels, int or (H, W): a grid other than the trained one (positions are resized)
+size = ()  # pixels, H [W]: a grid other than the trained one (positions resized); () = trained
 # interpolation: a strip of `frames` images per row, one row per image (--n)
 interp = []  # two prompts: walk from the first to the second in text-embedding space, noise fixed
 interp_seeds = []  # two seeds: walk (slerp) from the first's noise to the second's, prompt fixed
 frames = 8
-# outpainting, with an outpainting fine-tune (a model with cond_channels = C+1)
+# outpainting and inpainting, with an outpainting fine-tune (a model with cond_channels = C+1)
 init_image = ''  # the image to extend or fill; without one, --outpaint starts from a generated one
 mask = ''  # a mask image, white = generate, black = keep
 outpaint = ''  # 'right', 'left', 'up' or 'down': slide the canvas by half and fill the new half
 repeat = 1  # outpaint this many times in a row: a panorama
 # output
-out = ''  # the grid's path; default out_dir/samples/<prompt>_cfg_<cfg>_seed_<seed>.png
+out = ''  # the grid's path, replaced if it exists; default: a new file in the run's samples/
 individual = False  # also save each image on its own, in a folder named like the grid
 zoom = 0  # enlarge the saved images (nearest neighbour); 0 = auto, tiles >= 128 px; 1 = raw
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 where fast, else fp16 on GPU, fp32
-compile = False  # torch.compile (CPU: frozen weights): ~10 s a batch shape, then ~1.3x faster
+dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 where native, else fp16 on GPU, fp32
+compile = False  # torch.compile the denoiser (on a CPU with frozen weights): slow start, then fast
 batch_size = 64  # images per denoiser forward (x2 with guidance: both halves go in one batch)
-decode_batch_size = 16  # images per VAE decode
 # -----------------------------------------------------------------------------
 
 
-def check_args(c):
-    """Check all that needs no checkpoint, so that a typo fails in a second, not after loading."""
-    if c.steps < 1:
-        fail(f"--steps must be >= 1, got {c.steps}")
-    if c.sampler not in SAMPLERS:
-        fail(f"--sampler must be one of {sorted(SAMPLERS)}, got '{c.sampler}'")
-    if c.n < 1:
-        fail(f"--n must be >= 1, got {c.n}")
-    if not 0 <= c.cfg_min_sigma < 1:
-        fail(f"--cfg_min_sigma must be in [0, 1), the noise level below which guidance is off, "
-             f"got {c.cfg_min_sigma}")
-    if c.zoom < 0:
-        fail(f"--zoom must be >= 0 (0: auto, 1: raw pixels), got {c.zoom}")
-    if c.dtype not in ('auto', *PTDTYPES):
-        fail(f"--dtype must be 'auto' or one of {sorted(PTDTYPES)}, got '{c.dtype}'")
-    pair = isinstance(c.size, (list, tuple)) and len(c.size) == 2
-    if c.size is not None and not (isinstance(c.size, int)
-                                   or pair and all(isinstance(s, int) for s in c.size)):
-        fail(f"--size expects pixels, one int (64) or two (64 128 for H W), got {c.size!r}")
-    if c.interp and len(c.interp) != 2:
-        fail(f"--interp expects two prompts, got {len(c.interp)}: {list(c.interp)}")
-    if c.interp and any(not str(p).strip() for p in c.interp):
-        fail("--interp got an empty prompt")
-    seeds = c.interp_seeds
-    if seeds and (len(seeds) != 2 or not all(isinstance(s, int) for s in seeds)):
-        fail(f"--interp_seeds expects two integer seeds, got {list(seeds)}")
-    if (c.interp or seeds) and c.frames < 2:
-        fail(f"--frames must be >= 2, got {c.frames}")
-    if c.outpaint and c.outpaint not in OUTPAINT_DIRECTIONS:
-        fail(f"--outpaint must be one of {list(OUTPAINT_DIRECTIONS)}, got '{c.outpaint}'")
-    if c.repeat < 1:
-        fail(f"--repeat must be >= 1, got {c.repeat}")
-    if c.mask and not c.init_image:
-        fail("--mask needs --init_image, the image whose white-masked region to fill")
-    if c.mask and c.outpaint:
-        fail("give either --mask or --outpaint, not both")
-    if (c.interp or seeds) and (c.outpaint or c.mask):
+class Pipeline:
+    """A trained denoiser with the frozen text encoder and image codec its data was prepared with.
+    The three phases are separate methods so that they can be timed on their own (bench.py)."""
+
+    def __init__(self, model, text_encoder, codec, scale_factor, device='cpu', dtype='auto'):
+        self.model, self.text_encoder, self.codec = model, text_encoder, codec
+        self.scale_factor, self.device = scale_factor, device
+        self.dtype = resolve_dtype(dtype, device)
+        self.ctx = autocast(device, self.dtype)  # the denoiser only: the sampler's math is fp32
+
+    def latent_shape(self, size=None):
+        """(C, h, w) in model space for images of `size` pixels, an int or (H, W), default the
+        trained size; a ValueError unless a multiple of patch_size × the codec's downsampling."""
+        C, ds, p = self.model.n_channels, self.codec.downsample, self.model.patch_size
+        if size is None:
+            return (C, *trained_size(self.model))
+        H, W = (size, size) if isinstance(size, int) else size
+        if H % (p * ds) or W % (p * ds) or H <= 0 or W <= 0:
+            raise ValueError(f"--size {size if isinstance(size, int) else f'{H} {W}'} is not a "
+                             f"positive multiple of {p * ds} (patch_size {p} x VAE downsampling)")
+        return (C, H // ds, W // ds)
+
+    def pixel_size(self, shape):
+        """(H, W) in pixels of the images decoded from model-space tensors of shape (C, h, w)."""
+        return shape[1] * self.codec.downsample, shape[2] * self.codec.downsample
+
+    @torch.no_grad()
+    def encode_text(self, prompts):
+        """list of str -> (B, D_text) float32 on the pipeline's device."""
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder: pass text embeddings instead")
+        return self.text_encoder(list(prompts)).float().to(self.device)
+
+    @torch.no_grad()
+    def encode_image(self, img):
+        """(B, 3, H, W) in [-1, 1] -> model space (latents × scale_factor)."""
+        return self.codec.encode(img.to(self.device)).float() * self.scale_factor
+
+    @torch.no_grad()
+    def sample_latents(self, text_emb, noise, cfg=7.0, steps=15, sampler='dpmpp2m', uncond_emb=None,
+                       known=None, mask=None, batch_size=64, cfg_min_sigma=0.2):
+        """noise (B, C, h, w) -> x0 (B, C, h, w) in model space for text_emb (B, D_text), as
+        diffusion.generate. uncond_emb (1 or B, D_text): a negative prompt. known, mask (1 =
+        generate): outpainting; an outpainting model asked for a plain image generates all."""
+        if uncond_emb is not None:
+            uncond_emb = uncond_emb.expand_as(text_emb)
+        if self.model.cond_channels and known is None:
+            known, mask = torch.zeros_like(noise), torch.ones_like(noise[:, :1])
+        out = []
+        for i in range(0, len(text_emb), batch_size):
+            part = lambda t: None if t is None else t[i:i + batch_size].to(self.device)
+            with self.ctx:
+                x0 = generate(self.model, part(text_emb), cfg=cfg, steps=steps, sampler=sampler,
+                              noise=part(noise), uncond_emb=part(uncond_emb), known=part(known),
+                              mask=part(mask), cfg_min_sigma=cfg_min_sigma)
+            out.append(x0.float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, x, batch_size=16):
+        """Model space (B, C, h, w) -> images (B, 3, H, W) in [0, 1], on the CPU."""
+        return decode_latents(self.codec, x, self.scale_factor, batch_size)
+
+
+def pipeline_from_checkpoint(ckpt, device='cpu', dtype='auto', compile=False, text_encoder=True,
+                             source='checkpoint'):
+    """A Pipeline from a loaded checkpoint: the EMA denoiser, the image codec and (unless
+    text_encoder=False) the text encoder its data_meta names. Errors: one-line ValueErrors."""
+    meta = ckpt.get('data_meta') or {}
+    if text_encoder and 'text_encoder' not in meta:
+        raise ValueError(f"checkpoint '{source}' records no data_meta.text_encoder: "
+                         f"cannot tell which text encoder its data was prepared with")
+    model = denoiser_from_checkpoint(ckpt, ema=True).to(device)
+    encoder = TextEncoder(meta['text_encoder'], device, dtype) if text_encoder else None
+    width = ckpt['model_args'].get('text_emb_size')
+    if encoder is not None and width is not None and encoder.dim != width:
+        raise ValueError(f"text encoder '{meta['text_encoder']}' gives {encoder.dim}-d embeddings, "
+                         f"but the model in '{source}' expects {width}")
+    codec = ImageCodec(meta.get('vae', 'none'), device, dtype)
+    pipe = Pipeline(compile_for_inference(model) if compile else model, encoder, codec,
+                    float(meta.get('scale_factor', codec.scale_factor)), device, dtype)
+    pipe.info = (f"{model.num_params() / 1e6:.2f}M parameters, iter {ckpt.get('iter_num')}, "
+                 f"text encoder '{meta.get('text_encoder')}', vae '{codec.name}'")
+    return pipe
+
+
+def compile_for_inference(model):
+    """torch.compile the model's forward for sampling, in place; on a CPU with inductor's freezing
+    (weights become constants, cast and prepacked once: they must not change after the first call),
+    set around each call, as Dynamo reads it while tracing, not for the whole process."""
+    import torch._inductor.config as inductor_config
+    forward = torch.compile(model.forward)
+    freezing = next(model.parameters()).device.type == 'cpu'
+
+    def frozen_forward(*args, **kwargs):
+        with inductor_config.patch(freezing=freezing):
+            return forward(*args, **kwargs)
+    model.forward = frozen_forward
+    return model
+
+
+def load_pipeline(path, device='cpu', dtype='auto', compile=False, text_encoder=True):
+    """pipeline_from_checkpoint for a checkpoint file or a run dir; errors: one-line exceptions."""
+    return pipeline_from_checkpoint(load_checkpoint(path, device='cpu'), device, dtype, compile,
+                                    text_encoder, source=path)
+
+
+def make_noise(seeds, shape):
+    """One (C, h, w) Gaussian per seed -> (len(seeds), C, h, w), drawn on the CPU: any device's."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                        for s in seeds])
+
+
+# ----- the modes -> images (B, 3, H, W) in [0, 1]; **settings: Pipeline.sample_latents' -----
+
+def generate_images(pipe, prompts, n=1, seed=0, negative='', size=None, **settings):
+    """n images for each prompt, prompt-major; image j of every prompt from seed + j's noise."""
+    text = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (P·n, D_text)
+    uncond = pipe.encode_text([negative]) if negative else None  # (1, D_text)
+    noise = make_noise([seed + j for j in range(n)] * len(prompts), pipe.latent_shape(size))
+    return pipe.decode(pipe.sample_latents(text, noise, uncond_emb=uncond, **settings))
+
+
+def interpolate(pipe, text, n=1, frames=8, seed=0, seeds=None, size=None, **settings):
+    """n rows of `frames` images. text (2, D_text): lerped from the first prompt to the second;
+    (1, D_text): kept. seeds (a, b): row j's noise slerped from seed a+j to b+j; else seed+j's."""
+    shape, t = pipe.latent_shape(size), torch.linspace(0, 1, frames)[:, None]  # t (frames, 1)
+    walk = lerp(text[:1], text[1:], t.to(text)) if len(text) == 2 else text.expand(frames, -1)
+    row = lambda s: make_noise([s], shape).expand(frames, *shape)  # (frames, C, h, w)
+    noise = [slerp(row(seeds[0] + j), row(seeds[1] + j), t) if seeds else row(seed + j)
+             for j in range(n)]
+    return pipe.decode(pipe.sample_latents(walk.repeat(n, 1), torch.cat(noise), **settings))
+
+
+def outpaint_images(pipe, text, direction, repeat=1, n=1, seed=0, image=None, size=None,
+                    **settings):
+    """n panoramas for each prompt of text (P, D_text): image (1, 3, H, W) in [-1, 1], or one
+    generated, extended `repeat` times towards `direction`, each time by sliding the canvas by half
+    and generating the half it does not keep. Panorama j of each prompt draws from seed + j."""
+    text = text.repeat_interleave(n, dim=0)  # (P·n, D_text)
+    generators = [torch.Generator().manual_seed(seed + j % n) for j in range(len(text))]
+    C, h, w = pipe.latent_shape(size if image is None else image.shape[2:])
+    draw = lambda: torch.stack([torch.randn((C, h, w), generator=g) for g in generators])
+    strip = canvas = (pipe.sample_latents(text, draw(), **settings) if image is None
+                      else pipe.encode_image(image).expand(len(text), -1, -1, -1))  # (P·n, C, h, w)
+    dim, length = (3, w) if direction in ('right', 'left') else (2, h)
+    half, forward = length // 2, direction in ('right', 'down')  # forward: grows at its end
+    mask = make_mask(direction, h, w, frac=0.5)[None].expand(len(text), 1, h, w)  # (P·n, 1, h, w)
+    for _ in range(repeat):
+        known = torch.roll(canvas, -half if forward else half, dims=dim)  # the kept half moves over
+        canvas = pipe.sample_latents(text, draw(), known=known, mask=mask, **settings)
+        new = canvas.narrow(dim, length - half, half) if forward else canvas.narrow(dim, 0, half)
+        strip = torch.cat([strip, new] if forward else [new, strip], dim=dim)
+    return pipe.decode(strip)
+
+
+def inpaint_images(pipe, text, image, mask, n=1, seed=0, **settings):
+    """n fills for each prompt of text (P, D_text) of image (1, 3, H, W) in [-1, 1] where mask
+    (1, 1, h, w), on the model's grid, is 1; fill j of every prompt from the noise of seed + j."""
+    B, (C, h, w) = len(text) * n, pipe.latent_shape(image.shape[2:])
+    noise = make_noise([seed + j for j in range(n)] * len(text), (C, h, w))  # (P·n, C, h, w)
+    x0 = pipe.sample_latents(text.repeat_interleave(n, dim=0), noise, mask=mask.expand(B, 1, h, w),
+                             known=pipe.encode_image(image).expand(B, C, h, w), **settings)
+    return pipe.decode(x0)
+
+
+# ----- images in and out -----
+
+@torch.no_grad()
+def decode_latents(codec, x, scale_factor, batch_size=16):
+    """Model space (B, C, h, w) -> images (B, 3, H, W) in [0, 1] on the CPU, batch_size at once."""
+    images = [codec.decode(x[i:i + batch_size] / scale_factor).float().cpu()
+              for i in range(0, x.shape[0], batch_size)]
+    return ((torch.cat(images) + 1) / 2).clamp(0, 1)
+
+
+def load_image(path, size):
+    """An image file -> (1, 3, H, W) in [-1, 1], prepared as training data is (prepare.read_image:
+    transparency onto white, shorter side resized, centre crop); for H != W the centre (H, W) of
+    the max(H, W) square. Raises prepare.Skip for a file it cannot decode."""
+    H, W = size
+    pixels = read_image(path, max(H, W), min_size=1)  # (S, S, 3) uint8
+    top, left = (len(pixels) - H) // 2, (len(pixels) - W) // 2
+    x = torch.from_numpy(pixels[top:top + H, left:left + W].copy()).permute(2, 0, 1)
+    return x[None].float() / 127.5 - 1
+
+
+def read_mask(path, size, downsample):
+    """A mask image (white = generate) -> (1, 1, H/ds, W/ds) in {0, 1} on the model's grid. A latent
+    cell is generated if any of its pixels is, so the known region is only cells fully known."""
+    m = Image.open(path).convert('L').resize((size[1], size[0]), Image.NEAREST)
+    m = (torch.from_numpy(np.asarray(m).copy())[None, None] > 127).float()
+    return F.max_pool2d(m, downsample) if downsample > 1 else m
+
+
+def slug(*texts, max_len=40):
+    """A file-name-safe name for prompts, 'A cute owl!' -> 'a_cute_owl', with a short hash of them
+    where it would lose some: several prompts, a script other than Latin, emoji, a long prompt."""
+    s = re.sub(r'[^a-z0-9]+', '_', texts[0].lower()).strip('_')
+    if len(texts) == 1 and texts[0].isascii() and 0 < len(s) <= max_len:
+        return s
+    digest = hashlib.sha1('\n'.join(texts).encode()).hexdigest()[:6]
+    return '_'.join(filter(None, [s[:max_len - 7].strip('_'), digest]))
+
+
+def unused_path(path):
+    """path, or path with -1, -2, ... before its extension: the first that names neither an earlier
+    grid nor its folder of single images."""
+    stem, ext = os.path.splitext(path)
+    stems = (f"{stem}-{k}" if k else stem for k in itertools.count())
+    return next(s for s in stems if not os.path.exists(s + ext) and not os.path.exists(s)) + ext
+
+
+def save_grid(images, nrow, path, individual_names=(), zoom=1, padding=2):
+    """Write images (B, 3, H, W) in [0, 1] as one PNG grid of nrow a row, replacing path atomically,
+    and each image as individual_names in a folder named like the grid -> the paths written. zoom
+    enlarges them (nearest neighbour) K times; 0: until a tile is >= 128 px a side."""
+    from torchvision.utils import save_image  # here: its import is slow, errors need not wait
+    zoom = zoom or max(1, math.ceil(128 / min(images.shape[-2:])))
+    if zoom > 1:
+        images = F.interpolate(images, scale_factor=zoom, mode='nearest')
+    folder = os.path.splitext(path)[0]
+    os.makedirs(folder if individual_names else os.path.dirname(path) or '.', exist_ok=True)
+    written = [path] + [os.path.join(folder, name + '.png') for name in individual_names]
+    grid = dict(nrow=nrow, padding=padding, pad_value=1.0)
+    for i, p in enumerate(written):
+        with replacing(p) as tmp:
+            save_image(images[i - 1] if i else images, tmp, format='png', **({} if i else grid))
+    return written
+
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    configure(globals(), sys.argv[1:])
+    walk = bool(interp or interp_seeds)  # an interpolation
+    # check all that needs no checkpoint, so that a typo fails in a second, not after loading
+    two_ints = len(interp_seeds) in (0, 2) and all(type(s) is int for s in interp_seeds)
+    for key, ok, expected in (
+        ('steps', steps >= 1, '>= 1'), ('n', n >= 1, '>= 1'), ('repeat', repeat >= 1, '>= 1'),
+        ('frames', frames >= 2 or not walk, '>= 2'), ('zoom', zoom >= 0, '>= 0 (0: auto, 1: raw)'),
+        ('cfg_min_sigma', 0 <= cfg_min_sigma < 1, 'in [0, 1): no guidance below this σ'),
+        ('sampler', sampler in SAMPLERS, f'one of {sorted(SAMPLERS)}'),
+        ('device', device == 'cpu' or device.startswith('cuda') and torch.cuda.is_available(),
+         'cpu, or cuda where there is a GPU'), ('batch_size', batch_size >= 1, '>= 1'),
+        ('dtype', dtype in ('auto', *PTDTYPES), f"'auto' or one of {sorted(PTDTYPES)}"),
+        ('outpaint', outpaint in ('', 'right', 'left', 'up', 'down'), 'right, left, up or down'),
+        ('interp', len(interp) in (0, 2), 'two prompts'), ('interp_seeds', two_ints, 'two ints'),
+        ('size', len(size) <= 2 and all(type(s) is int for s in size), 'one int or two: H W'),
+        ('mask', not mask or init_image and not outpaint, 'with --init_image, not --outpaint'),
+    ):
+        if not ok:
+            fail(f"--{key} must be {expected}, got {globals()[key]!r}")
+    if walk and (outpaint or mask):
         fail("interpolation cannot be combined with --outpaint/--mask")
-    for flag in ('prompt_file', 'init_image', 'mask'):
-        path = getattr(c, flag)
+    for flag, path in (('prompt_file', prompt_file), ('init_image', init_image), ('mask', mask)):
         if path and (not os.path.exists(path) or os.path.isdir(path)):  # /dev/stdin works too
             fail(f"--{flag} '{path}' is not a file")
-
-
-def read_prompts(c):
-    """One grid row each: the two prompts of --interp, the lines of --prompt_file, or --prompt."""
-    if c.interp:
-        return [str(p) for p in c.interp]
-    if c.prompt_file:
-        with open(c.prompt_file) as f:
+    prompts = [str(p) for p in interp] if interp else list(prompt)  # one grid row each
+    if prompt_file and not interp:
+        with open(prompt_file, encoding='utf-8', errors='replace') as f:
             prompts = [line.strip() for line in f if line.strip()]
-        if not prompts:
-            fail(f"--prompt_file '{c.prompt_file}' has no prompts (one per line)")
-        if c.interp_seeds and len(prompts) > 2:
-            fail(f"--interp_seeds walks one prompt's noise (two with a text walk): "
-                 f"--prompt_file '{c.prompt_file}' has {len(prompts)}")
-        return prompts
-    if not c.prompt.strip():
-        fail("--prompt is empty: say what to draw, e.g. --prompt \"a cute owl\"")
-    return [c.prompt]
+    if not prompts or not all(p.strip() for p in prompts):
+        fail(f"--{'interp' if interp else 'prompt_file' if prompt_file else 'prompt'} is empty or "
+             f"has an empty prompt: say what to draw, e.g. --prompt \"a cute owl\"")
+    if interp_seeds and len(prompts) > 2:
+        fail(f"--interp_seeds walks one prompt's noise (or a walk between two), got {len(prompts)}")
+    size = size[0] if len(size) == 1 else tuple(size) or None  # as Pipeline.latent_shape takes
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-
-# ----- the modes other than plain prompts: each returns images (B, 3, H, W) in [0, 1] -----
-# text (P, D_text) holds one embedding per prompt; kw are Pipeline.sample_latents' settings
-
-def sample_interpolation(pipe, text, shape, n, frames, seed, seeds, kw, decode_batch_size):
-    """n rows of `frames` images: text walks from prompt A to B (given two), and/or the noise of
-    row j walks from seed a + j to b + j (given seeds (a, b))."""
-    text, noise = interpolation_inputs(text, shape, n, frames, seed, seeds)
-    return pipe.decode(pipe.sample_latents(text, noise, **kw), decode_batch_size)
-
-
-def sample_outpaint(pipe, text, shape, n, seed, direction, repeat, init_image, kw,
-                    decode_batch_size):
-    """n panoramas per prompt: the init image (or one generated from the prompt) extended `repeat`
-    times towards `direction`. Panorama j of every prompt draws all its noise from seed + j."""
-    text = text.repeat_interleave(n, dim=0)  # (P·n, D)
-    generators = [torch.Generator().manual_seed(seed + j) for _ in range(len(text) // n)
-                  for j in range(n)]
-    if init_image:
-        start = pipe.encode_image(read_image(init_image, pipe.pixel_size(shape)))
-        start = start.expand(len(text), -1, -1, -1)
-    else:
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        start = pipe.sample_latents(text, noise, **kw)
-    strip = outpaint_strip(pipe, text, start, direction, repeat, generators, kw)
-    return pipe.decode(strip, decode_batch_size)
-
-
-def sample_inpaint(pipe, text, shape, n, seed, init_image, mask, kw, decode_batch_size):
-    """One row per prompt: the init image with its masked region greyed out, then n fills."""
+    # the EMA denoiser, and the text encoder and image codec its data was prepared with
+    source = ckpt or out_dir
+    try:
+        pipe = load_pipeline(source, device, dtype, compile)
+        shape = pipe.latent_shape(size)  # (C, h, w)
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
     H, W = pipe.pixel_size(shape)
-    image = read_image(init_image, (H, W))  # (1, 3, H, W) in [-1, 1]
-    m = read_mask(mask, (H, W), pipe.codec.downsample)  # (1, 1, h, w), 1 = generate
-    P, B = len(text), len(text) * n
-    noise = make_noise([seed + j for j in range(n)], shape).repeat(P, 1, 1, 1)
-    known = pipe.encode_image(image).expand(B, -1, -1, -1)
-    x0 = pipe.sample_latents(text.repeat_interleave(n, dim=0), noise, known=known,
-                             mask=m.expand(B, -1, -1, -1), **kw)
-    fills = pipe.decode(x0, decode_batch_size).view(P, n, 3, H, W)
-    m_px = F.interpolate(m, size=(H, W), mode='nearest')
-    before = (to_unit(image) * (1 - m_px) + 0.5 * m_px).expand(P, 1, 3, H, W)
-    return torch.cat([before, fills], dim=1).flatten(0, 1)  # (P·(n+1), 3, H, W)
+    if (outpaint or mask) and pipe.model.cond_channels != shape[0] + 1:
+        fail(f"'{source}' is not an outpainting model (it has {pipe.model.cond_channels} extra "
+             f"input channels, outpainting needs {shape[0] + 1}): fine-tune one with "
+             f"python train.py config/tiny_outpaint.py")
+    try:  # image (1, 3, H, W) in [-1, 1]; m (1, 1, h, w) on the model's grid, 1 = generate
+        image = load_image(init_image, (H, W)) if init_image else None
+        m = read_mask(mask, (H, W), pipe.codec.downsample) if mask else None
+    except (Skip, OSError) as e:
+        fail(f"--init_image '{init_image}' or --mask '{mask}': not an image it can read ({e})")
+    print(f"{source}: {pipe.info}; {H}x{W} px, {steps} {sampler} steps, cfg {cfg:g} at "
+          f"σ > {cfg_min_sigma:g}, {device} {pipe.dtype}")
 
-
-def grid_layout(c, prompts, H, W):
-    """The grid's path, its images per row and each image's name, for the mode and settings in c.
-    Names carry the prompt(s), cfg and seed."""
-    g, seeds, P = f"cfg_{c.cfg:g}", c.interp_seeds, len(prompts)
-    by_prompt = lambda fmt: [fmt(slug(p, 40), c.seed + j) for p in prompts for j in range(c.n)]
-    if c.interp or seeds:
-        suffix = f"_seeds_{seeds[0]}_to_{seeds[1]}_{g}" if seeds else f"_{g}_seed_{c.seed}"
-        nrow, names = c.frames, [f"row{j}_frame{i}" for j in range(c.n) for i in range(c.frames)]
-    elif c.outpaint:  # wide strips stack, tall ones stand side by side
-        suffix = f"_outpaint_{c.outpaint}_x{c.repeat}_{g}_seed_{c.seed}"
-        nrow = 1 if c.outpaint in ('right', 'left') else c.n
-        names = by_prompt(lambda p, s: f"{p}_seed_{s}")
-    elif c.mask:  # each row: the input, then the fills
-        suffix = f"_{slug(os.path.splitext(os.path.basename(c.mask))[0], 20)}_{g}_seed_{c.seed}"
-        nrow = c.n + 1
-        names = [f"{slug(p, 40)}_{'input' if j < 0 else f'seed_{c.seed + j}'}"
-                 for p in prompts for j in range(-1, c.n)]
-    else:  # one row per prompt; a single prompt's images fill a square-ish grid
-        suffix, nrow = f"_{g}_seed_{c.seed}", c.n if P > 1 else math.ceil(math.sqrt(c.n))
-        names = by_prompt(lambda p, s: f"{p}_{g}_seed_{s}")
-    if c.interp:
-        name = f"interp_{slug(prompts[0], 30)}_to_{slug(prompts[1], 30)}"
-    elif c.prompt_file:
-        name = slug(os.path.splitext(os.path.basename(c.prompt_file))[0])
+    # sample and decode: images (B, 3, H, W) in [0, 1]
+    t0, P = time.time(), len(prompts)
+    settings = dict(n=n, seed=seed, cfg=cfg, steps=steps, sampler=sampler,  # every mode's
+                    cfg_min_sigma=cfg_min_sigma, batch_size=batch_size)
+    if not (walk or outpaint or mask):  # image j of each prompt from seed + j
+        images = generate_images(pipe, prompts, negative=negative, size=size, **settings)
     else:
-        name = slug(prompts[0])
-    name += f"_{H}x{W}" if c.size is not None else ''
-    run_dir = os.path.dirname(c.ckpt) if c.ckpt else c.out_dir
-    return c.out or os.path.join(run_dir, 'samples', name + suffix + '.png'), nrow, names
+        text = pipe.encode_text(prompts)  # (P, D_text)
+        settings['uncond_emb'] = pipe.encode_text([negative]) if negative else None
+    if walk:
+        images = interpolate(pipe, text, frames=frames, seeds=interp_seeds, size=size, **settings)
+    elif outpaint:
+        images = outpaint_images(pipe, text, outpaint, repeat, image=image, size=size, **settings)
+    elif mask:  # each row: the input with its hole greyed out, then the fills
+        fills = inpaint_images(pipe, text, image, m, **settings).view(P, n, 3, H, W)
+        m = F.interpolate(m, size=(H, W), mode='nearest')
+        before = (((image + 1) / 2).clamp(0, 1) * (1 - m) + 0.5 * m).expand(P, 1, 3, H, W)
+        images = torch.cat([before, fills], dim=1).flatten(0, 1)  # (P·(n+1), 3, H, W)
+    seconds = time.time() - t0
 
-
-# -----------------------------------------------------------------------------
-c = SimpleNamespace(**configure(globals(), sys.argv[1:]))
-check_args(c)
-prompts = read_prompts(c)
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-# load the EMA denoiser, and the text encoder and image codec its data was prepared with
-source = ckpt or out_dir
-try:
-    pipe = load_pipeline(source, device, dtype, compile)
-    shape = pipe.latent_shape(size)  # (C, h, w)
-except (FileNotFoundError, ValueError) as e:
-    fail(e)
-H, W = pipe.pixel_size(shape)
-if (outpaint or mask) and pipe.model.cond_channels != shape[0] + 1:
-    fail(f"'{source}' is not an outpainting model (it has {pipe.model.cond_channels} extra input "
-         f"channels, outpainting needs {shape[0] + 1}): fine-tune one with "
-         f"python train.py config/tiny_outpaint.py")
-info = pipe.ckpt_info
-print(f"{source}: {info['params'] / 1e6:.2f}M parameters, iter {info['iter_num']}, text encoder "
-      f"'{info['text_encoder']}', vae '{info['vae']}'; {H}x{W} px, {steps} {sampler} steps, "
-      f"cfg {cfg:g} at σ > {cfg_min_sigma:g}, {device} {pipe.dtype}")
-
-# encode the prompts; a negative prompt takes the place of the zero embedding on the guided steps
-t0 = time.time()
-text = pipe.encode_text(prompts)  # (P, D_text)
-uncond = pipe.encode_text([negative]) if negative else None  # (1, D_text)
-kw = dict(cfg=cfg, steps=steps, sampler=sampler, cfg_min_sigma=cfg_min_sigma, uncond_emb=uncond,
-          batch_size=batch_size)
-
-# sample and decode: images (B, 3, H, W) in [0, 1]
-if interp or interp_seeds:
-    images = sample_interpolation(pipe, text, shape, n, frames, seed, interp_seeds, kw,
-                                  decode_batch_size)
-elif outpaint:
-    images = sample_outpaint(pipe, text, shape, n, seed, outpaint, repeat, init_image, kw,
-                             decode_batch_size)
-elif mask:
-    images = sample_inpaint(pipe, text, shape, n, seed, init_image, mask, kw, decode_batch_size)
-else:  # n images per prompt, image j of each from the noise of seed + j
-    noise = make_noise([seed + j for j in range(n)], shape).repeat(len(prompts), 1, 1, 1)
-    x0 = pipe.sample_latents(text.repeat_interleave(n, dim=0), noise, **kw)  # (P·n, C, h, w)
-    images = pipe.decode(x0, decode_batch_size)
-seconds = time.time() - t0
-
-# save the grid (and each image)
-path, nrow, names = grid_layout(c, prompts, H, W)
-for p in save_grid(images, nrow, path, names if individual else (), zoom):
-    print(f"wrote {p}")
-print(f"{len(images)} images in {seconds:.1f}s")
+    # name the grid by what made it, in the run's samples/, never over an earlier one's
+    name = (f"interp_{slug(prompts[0], max_len=30)}_to_{slug(prompts[1], max_len=30)}" if interp
+            else slug(os.path.splitext(os.path.basename(prompt_file))[0], *prompts) if prompt_file
+            else slug(*prompts))
+    name += (f"_frames{frames}" if walk else f"_outpaint_{outpaint}_x{repeat}" if outpaint
+             else f"_mask_{slug(os.path.splitext(os.path.basename(mask))[0])}" if mask else '')
+    name += f"_{P}_prompts" if P > 1 and not interp else ''
+    name += f"_{H}x{W}_n{n}_{sampler}{steps}_cfg{cfg:g}_" + (
+        f"seeds{interp_seeds[0]}to{interp_seeds[1]}" if interp_seeds else f"seed{seed}")
+    name += f"_not_{slug(negative, max_len=20)}" if negative else ''
+    run_dir = (ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt)) if ckpt else out_dir
+    path = out or unused_path(os.path.join(run_dir, 'samples', name + '.png'))
+    # one row per prompt (a single prompt's images fill a square-ish grid); wide panoramas stack,
+    # tall ones stand side by side; an interpolation's row is a walk
+    nrow = (frames if walk else n + 1 if mask else
+            1 if outpaint in ('right', 'left') else n if P > 1 or outpaint else math.ceil(n ** .5))
+    names = ([f"row{j}_frame{i}" for j in range(n) for i in range(frames)] if walk
+             else [f"{slug(p)}_" + (f"seed{seed + j}" if j >= 0 else 'input') for p in prompts
+                   for j in range(-1 if mask else 0, n)])
+    names = names if len(set(names)) == len(names) else [f"{i}_{s}" for i, s in enumerate(names)]
+    for p in save_grid(images, nrow, path, names if individual else (), zoom):
+        print(f"wrote {p}")
+    print(f"{len(images)} images in {seconds:.1f}s")

@@ -2,7 +2,7 @@
 Train the denoiser on the latents and text embeddings that prepare.py wrote.
 
 One process (a CPU, or one GPU):
-    python train.py config/tiny.py                      # the emoji demo: 8-15 min on 2 CPU cores
+    python train.py config/tiny.py                      # the emoji demo, within 10 min on 2 cores
     python train.py config/base.py                      # the base model on one GPU
     python train.py config/tiny.py --init_from=resume   # go on exactly where out_dir/ckpt.pt ended
 
@@ -20,6 +20,7 @@ with fewer micro-steps than processes, the micro-batch is split (the first log l
 import copy
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -31,15 +32,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import configurator
 import prepare
-from configurator import configure
-from dataset import incompatibility, load_prepared
-from diffusion import (add_noise, generate, make_mask, masked_input, random_masks, trained_size,
-                       training_loss)
+from diffusion import (add_noise, consistency_loss, consistency_output, generate, make_mask,
+                       masked_input, random_masks, trained_size, training_loss)
 from encoders import ImageCodec, TextEncoder
 from model import (PTDTYPES, Denoiser, autocast, finetune_from, load_checkpoint, resolve_dtype,
                    rng_state, set_rng_state)
-from pipeline import decode_latents, save_grid
+from prepare import incompatibility, load_prepared, replacing
+from sample import decode_latents, save_grid
 
 # -----------------------------------------------------------------------------
 # default config values, for the base model on one GPU; config/*.py and --key=value override them
@@ -48,13 +49,13 @@ out_dir = 'out'
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint to fine-tune from
 eval_interval = 1000  # iters between val losses and sample grids
 ckpt_interval = 1000  # iters between checkpoints (one is also written at the end and on Ctrl-C)
-log_interval = 10
+log_interval = 10  # iters between log lines: the loss is read from the device only then
 # wandb logging
 wandb_log = False  # wandb is imported only when this is on; WANDB_MODE=offline works
 wandb_project = 'nanotld'
 wandb_run_name = 'run'
 # data
-data_dir = 'data/prepared/emoji32'  # prepare.py's output
+data_dir = 'data/prepared/emoji32'  # prepare.py's output; the emoji set is prepared on first use
 batch_size = 64  # rows a micro-step: the global batch is batch_size * gradient_accumulation_steps
 gradient_accumulation_steps = 1  # micro-steps in total over all processes (see the docstring)
 # model (the image size, channels and text width come from the data)
@@ -64,27 +65,28 @@ n_layers = 12
 mlp_multiplier = 4
 head_dim = 64
 dropout = 0.0
-outpaint = False  # add the masked image and the mask as inputs, and learn to fill the masked region
-# the text's way in: adaLN-Zero + a text prior measured best; 'cross' and 0 is the reference's
-conditioning = 'adaln'  # 'adaln' (adaLN-Zero from σ and text) or 'cross' ([σ, text] context)
-text_tokens = 1  # 'cross': the pooled text as this many context tokens (> 1: through a small MLP)
+conditioning = 'adaln'  # 'adaln' (adaLN-Zero from σ and text) or 'cross' (the reference's)
 text_prior = 16  # > 0: the text mapped to a token grid of this width, added to the input tokens
-prediction = 'x0'  # what the network outputs, 'x0' (the reference) or 'v' (ε - x0)
+outpaint = False  # add the masked image and the mask as inputs, and learn to fill the masked region
 # diffusion
 beta_a = 1.0  # training noise levels σ ~ Beta(beta_a, beta_b)
 beta_b = 2.5
 p_uncond = 0.15  # how often the text is dropped to ∅ = 0, for classifier-free guidance
-text_noise = 0.0  # conditioning augmentation: noise of this relative norm on the text embedding
+objective = 'x0'  # 'x0': diffusion; 'consistency': tune a trained model to sample in a few steps
+consistency_gap = (0.5, 0.02)  # r = (1 - gap)·t, the gap shrinking geometrically over the run
+teacher_cfg = 0.0  # consistency: 0 tunes alone (ECT); > 0 distils the starting model guided at this
+#                    scale, so the tuned model needs no guidance (one forward a step)
 # AdamW optimizer
 learning_rate = 3e-4
 max_iters = 100_000
+max_minutes = 0.0  # > 0: a time budget; max_iters is then fixed from the measured step time
 weight_decay = 0.01  # not on norms, biases and embeddings
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0  # clip gradients at this norm, 0 to disable
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 warmup_iters = 1000
-lr_decay_iters = None  # None: max_iters
+lr_decay_iters = 0  # 0: max_iters
 min_lr = 3e-5
 # EMA of the weights, used for evaluation, samples and by sample.py
 ema_decay = 0.999
@@ -100,12 +102,13 @@ sample_steps = 20
 # system
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # or 'cpu', 'cuda:1', ...
-dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 where the hardware has it, see below
-compile = False  # torch.compile: fuses what runs between the matmuls (config/tiny.py turns it on)
+dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 where the hardware has it
+compile = False  # torch.compile: fuses what runs between the matmuls
 ddp_timeout_minutes = 30  # how long a rank waits for the others (rank 0 evaluates alone)
 # -----------------------------------------------------------------------------
-config = configure(globals(), sys.argv[1:])  # the settings as given: logged, saved in checkpoints
+config = configurator.configure(globals(), sys.argv[1:])  # as given: logged, saved in checkpoints
 # -----------------------------------------------------------------------------
+t_start = time.time()  # a time budget counts from here: preparing data and compiling included
 
 # DDP and device setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a torchrun process?
@@ -117,7 +120,9 @@ master_process = ddp_rank == 0  # logs, evaluates and writes the checkpoints
 
 def fail(message):
     """A setting that every rank finds wrong alike: one line from rank 0, exit status 1 from all."""
-    sys.exit(message if master_process else 1)
+    if master_process:
+        configurator.fail(message)
+    sys.exit(1)
 
 
 def split_global_batch(rows, world_size, accum_steps):
@@ -133,7 +138,7 @@ def split_global_batch(rows, world_size, accum_steps):
 global_batch = batch_size * gradient_accumulation_steps  # rows a step, however many processes
 split = split_global_batch(global_batch, ddp_world_size, gradient_accumulation_steps)
 if split is None:  # checked before the process group starts, so that no rank waits for another
-    fail(f"error: the global batch batch_size * gradient_accumulation_steps = {batch_size} * "
+    fail(f"the global batch batch_size * gradient_accumulation_steps = {batch_size} * "
          f"{gradient_accumulation_steps} = {global_batch} rows does not split evenly over "
          f"{ddp_world_size} processes; make it a multiple of {ddp_world_size}")
 micro_batch, micro_steps = split  # each process: micro_steps micro-batches of micro_batch rows
@@ -142,34 +147,43 @@ if device_type == 'cuda':  # one GPU per process, its index explicit: for 'cuda'
     index = ddp_local_rank if ddp else torch.device(device).index
     device = f'cuda:{torch.cuda.current_device() if index is None else index}'
     torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True  # the depthwise conv's shapes never change
 torch.manual_seed(seed + ddp_rank)  # noise levels, noise, CFG dropout and masks differ per rank
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # tf32 on GPUs
+if dtype not in ('auto', *PTDTYPES):
+    fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 dtype = resolve_dtype(dtype, device)  # auto: bf16 where native, fp16 + GradScaler on older GPUs
-if dtype not in PTDTYPES:
-    fail(f"error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+if objective not in ('x0', 'consistency') or (objective == 'consistency' and outpaint):
+    fail(f"objective must be 'x0' or 'consistency' (not with outpaint), got {objective!r}")
 if not 0 <= sample_cfg_min_sigma < 1:
-    fail(f"error: sample_cfg_min_sigma must be in [0, 1), the noise level below which guidance is "
-         f"off, got {sample_cfg_min_sigma}")
+    fail(f"sample_cfg_min_sigma must be in [0, 1), the noise level below which guidance is off, "
+         f"got {sample_cfg_min_sigma}")
+if compile and device_type == 'cpu' and not shutil.which(os.environ.get('CXX', 'c++')):
+    compile = False  # inductor's CPU kernels are C++
+    if master_process:
+        print("note: no C++ compiler (c++ or $CXX) found: training without torch.compile")
 if ddp:
     # rank 0 evaluates alone while the others wait: its first grid may download a VAE (timeout)
     dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo',
                             timeout=timedelta(minutes=ddp_timeout_minutes),
                             device_id=torch.device(device) if device_type == 'cuda' else None)
+    # the stop flag goes through gloo on the CPU each step: no wait for the GPU
+    cpu_group = dist.new_group(backend='gloo') if device_type == 'cuda' else None
 ctx = autocast(device, dtype)  # none for float32
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from != 'resume' and os.path.exists(ckpt_path):  # never overwrite a run by accident
-    sys.exit(f"error: {ckpt_path} exists; resume it (--init_from=resume) or pick another --out_dir")
+    fail(f"{ckpt_path} exists; resume it (--init_from=resume) or pick another --out_dir")
 if master_process:
     os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
 
 # data: memory-mapped arrays from prepare.py; the global batch is a slice of a seeded permutation
 if master_process and data_dir == 'data/prepared/emoji32' and not os.path.exists(data_dir):
-    print(f"{data_dir} is missing: preparing the emoji set first (a minute or two)")
-    prepare.prepare(source='emoji')  # so that a fresh clone trains with one command
+    print(f"{data_dir} is missing: preparing the emoji set first")
+    prepare.prepare(source='emoji', image_size=32, out_dir=data_dir)  # a fresh clone trains at once
 if ddp:
     dist.barrier()  # the other ranks wait for the data
-data = load_prepared(data_dir)  # a missing or inconsistent file is a one-line error
+data = load_prepared(data_dir)  # a missing, empty or inconsistent file is a one-line error
 meta = data.meta
 scale_factor = float(meta['scale_factor'])  # model space = latents * scale_factor (~unit variance)
 n_channels, H, W = meta['latent_shape']
@@ -217,51 +231,52 @@ def load_rows(latents, text_emb, idx):
 
 # the model: from scratch, resumed, or fine-tuned from another checkpoint
 iter_num, best_val_loss, epoch, data_pos = 0, float('inf'), 0, 0
+budget_iters = None  # max_iters as fixed by the time budget, once measured
 ckpt = None
 if init_from == 'scratch':
     model_args = dict(n_channels=n_channels, image_size=H if H == W else (H, W),
                       patch_size=patch_size, embed_dim=embed_dim, n_layers=n_layers,
                       mlp_multiplier=mlp_multiplier, head_dim=head_dim, dropout=dropout,
                       text_emb_size=meta['text_dim'], cond_channels=cond_channels,
-                      conditioning=conditioning, text_tokens=text_tokens, text_prior=text_prior,
-                      prediction=prediction)
+                      conditioning=conditioning, text_prior=text_prior)
     try:
         model = Denoiser(**model_args)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 else:
     try:
         ckpt = load_checkpoint(ckpt_path if init_from == 'resume' else init_from, 'cpu')
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     if why := incompatibility(ckpt.get('data_meta', {}), data):  # another text encoder or codec
-        sys.exit(f"error: {why}")
+        fail(why)
     model_args = dict(ckpt['model_args'])
     if model_args['n_channels'] != n_channels:
-        sys.exit(f"error: {data_dir} has {n_channels} channels, the checkpoint's model "
-                 f"{model_args['n_channels']}")
+        fail(f"{data_dir} has {n_channels} channels, the checkpoint's model "
+             f"{model_args['n_channels']}")
     if init_from == 'resume':  # continue exactly: same weights, optimizer, RNG and data position
         if master_process and (kept := [k for k, v in model_args.items() if config.get(k, v) != v]):
             print("note: resuming keeps the checkpoint's architecture: " + ', '.join(
                 f"{k}={model_args[k]!r}, not {config[k]!r}" for k in kept))
+        state = ckpt['data_state']
+        if state.get('n_train') != n_train:  # its data position would mean nothing here
+            fail(f"the checkpoint was trained on {state.get('n_train')} rows, {data_dir} has "
+                 f"{n_train}: resume on the same data, or fine-tune with --init_from={ckpt_path}")
         model = Denoiser(**model_args)
         model.load_state_dict(ckpt['model'])
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        epoch, data_pos = ckpt['data_state']['epoch'], ckpt['data_state']['pos']
+        epoch, data_pos, budget_iters = state['epoch'], state['pos'], ckpt['budget_iters']
+        max_iters = budget_iters or max_iters  # a budgeted run ends where it was going to
     else:  # fine-tune: from the EMA weights, at this data's image size, with new inputs if asked
         model, model_args = finetune_from(ckpt, (H, W), cond_channels, dropout)
 if trained_size(model) != (H, W):
-    sys.exit(f"error: the checkpoint's model is for {trained_size(model)} inputs but {data_dir} "
-             f"has {(H, W)}; fine-tune it at the new size with --init_from=PATH, not by resuming")
+    fail(f"the checkpoint's model is for {trained_size(model)} inputs but {data_dir} has "
+         f"{(H, W)}; fine-tune it at the new size with --init_from=PATH, not by resuming")
 if model.cond_channels != cond_channels:
-    sys.exit(f"error: the checkpoint's model is {'an' if model.cond_channels else 'not an'} "
-             f"outpainting model: train it with --outpaint={bool(model.cond_channels)}")
+    fail(f"the checkpoint's model is {'an' if model.cond_channels else 'not an'} outpainting "
+         f"model: train it with --outpaint={bool(model.cond_channels)}")
 model.to(device)
 raw_model = model  # the plain module: its state_dict has no '_orig_mod.' or 'module.' prefixes
-ema = copy.deepcopy(model).requires_grad_(False).eval()  # fp32 EMA of the weights
-if init_from == 'resume':
-    ema.load_state_dict(ckpt['ema'])  # in place: the parameter lists below stay valid
-ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
 perm = permutation(epoch)
 
 # AdamW with weight decay on the weight matrices only: not on norms, biases or the positional table
@@ -279,8 +294,6 @@ if init_from == 'resume':
     elif master_process:
         print(f"note: resuming on {ddp_world_size} processes from {len(ckpt['rng'])}: the data "
               f"order goes on exactly, the random noise streams start afresh")
-resumed_at = iter_num if init_from == 'resume' else -1
-ckpt = None  # free the memory
 if master_process:
     s = lambda n, plural: '' if n == 1 else plural
     print(f"global batch {global_batch} = {ddp_world_size} process{s(ddp_world_size, 'es')} × "
@@ -288,23 +301,37 @@ if master_process:
           f"{device}; {raw_model.num_params() / 1e6:.2f}M parameters, {n_train} training rows of "
           f"{(n_channels, H, W)}")
 
-if compile:  # with no working C++ compiler (CPU kernels need one), dynamo runs it eagerly
-    torch._dynamo.config.suppress_errors = True
+if compile:
     model = torch.compile(model)
     if master_process:
-        print("compiling the model on the first step (~30 s for config/tiny.py on 2 CPU cores)")
-if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+        print("compiling the model on the first step")
+if ddp:  # DDP broadcasts rank 0's weights, so every rank's EMA below starts from them
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None,
+                gradient_as_bucket_view=True)
     # the depthwise conv's (C, 1, 3, 3) weight gets a channels-last gradient: the same memory,
     # strides differ only on the size-1 dim, and DDP warns about it on every backward
     warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+ema = copy.deepcopy(raw_model).requires_grad_(False).eval()  # fp32 EMA of the weights
+if init_from == 'resume':
+    ema.load_state_dict(ckpt['ema'])  # in place: the parameter lists below stay valid
+ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
+teacher = None  # consistency distillation: the frozen starting model, guided
+if objective == 'consistency' and teacher_cfg:
+    frozen = copy.deepcopy(raw_model).requires_grad_(False).eval()
+
+    def teacher(x, sigma, text):  # both halves of guidance in one batch
+        both = frozen(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                      torch.cat([text, torch.zeros_like(text)])).float()
+        return teacher_cfg * both[:len(x)] + (1 - teacher_cfg) * both[len(x):]
+resumed_at = iter_num if init_from == 'resume' else -1
+ckpt = None  # free the memory
 
 # the validation set: fixed rows, noise and (for outpainting) masks; and the sample grid's prompts
 val_idx = np.linspace(0, n_val - 1, min(eval_samples, n_val)).round().astype(int)  # the whole set
 sample_idx = np.linspace(0, n_val - 1, min(n_sample, n_val)).round().astype(int)
 if sample_prompts and not outpaint and master_process:
     if not all(isinstance(p, str) for p in sample_prompts):
-        sys.exit(f"error: sample_prompts must be strings, got {sample_prompts!r}")
+        fail(f"sample_prompts must be strings, got {sample_prompts!r}")
     sample_prompts = list(sample_prompts)
     sample_text = TextEncoder(meta['text_encoder'], device)(sample_prompts)  # (n, D_text)
 else:  # the val captions, and for an outpainting model the left halves of their images
@@ -328,8 +355,10 @@ def estimate_loss(net):
         cond = masked_input(x0, mask) if outpaint else None
         for s in eval_sigmas:
             sigma = torch.full((len(x0),), s, device=device)
-            with ctx:
-                pred = net(add_noise(x0, sigma, noise), sigma, text, cond=cond)
+            with ctx:  # a consistency model's estimate of x0 is its f
+                pred = net(add_noise(x0, sigma, noise), sigma, text, cond=cond) \
+                    if objective == 'x0' else consistency_output(net, add_noise(x0, sigma, noise),
+                                                                 sigma, text)
             err_sum += (((pred.float() - x0) ** 2) * mask).sum().item()
             weight_sum += mask.expand_as(x0).sum().item()
     return err_sum / weight_sum
@@ -353,8 +382,8 @@ def update_ema(it):
 
 
 def save_checkpoint():
-    """Write out_dir/ckpt.pt atomically: to ckpt.pt.tmp, then a rename, so a crash mid-write keeps
-    the old one. Every rank calls this: the random states of all ranks are gathered into it."""
+    """Write out_dir/ckpt.pt atomically, so a crash mid-write keeps the old one. Every rank calls
+    this: the random states of all ranks are gathered into it."""
     rngs = [rng_state(device)] * ddp_world_size  # one per rank: this one's, then all gathered
     if ddp:
         dist.all_gather_object(rngs, rngs[ddp_rank])
@@ -366,14 +395,17 @@ def save_checkpoint():
             'scaler': scaler.state_dict(),
             'model_args': model_args,
             'iter_num': iter_num,
+            'budget_iters': budget_iters,
+            'objective': objective,  # sample.py picks its sampler by it
+            'baked_cfg': teacher_cfg,  # > 0: guidance is in the weights, sample with cfg 1
             'best_val_loss': best_val_loss,
             'config': config,
             'data_meta': meta,
             'rng': rngs,
-            'data_state': {'epoch': epoch, 'pos': data_pos},  # the next row of permutation(epoch)
+            'data_state': {'epoch': epoch, 'pos': data_pos, 'n_train': n_train},
         }
-        torch.save(checkpoint, ckpt_path + '.tmp')
-        os.replace(ckpt_path + '.tmp', ckpt_path)
+        with replacing(ckpt_path) as tmp:
+            torch.save(checkpoint, tmp)
         print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
 
 
@@ -390,22 +422,38 @@ def sample_grid(net, path):
         mask = make_mask('right', H, W).to(device).expand(len(known), 1, H, W)
     g = torch.Generator(device).manual_seed(seed)  # the same noise every time: the grids compare
     with ctx:
-        x0 = generate(net, sample_text, cfg=sample_cfg, steps=sample_steps, generator=g,
-                      known=known, mask=mask, cfg_min_sigma=sample_cfg_min_sigma)
+        x0 = generate(net, sample_text, cfg=1.0 if teacher_cfg else sample_cfg, steps=sample_steps,
+                      generator=g, known=known, mask=mask, cfg_min_sigma=sample_cfg_min_sigma,
+                      sampler='dpmpp2m' if objective == 'x0' else 'consistency')
     images = decode_latents(codec, x0, scale_factor)  # (B, 3, H_img, W_img) in [0, 1]
     save_grid(images, math.ceil(math.sqrt(len(images))), path, padding=1)
 
 
-interrupted = stop_requested = False  # a signal on this rank; the value all ranks agree on
+def fit_budget(elapsed, step_seconds, eval_seconds):
+    """max_iters that ends the run near max_minutes: the steps and evaluations that fit in what is
+    left, each evaluation costing eval_seconds once every eval_interval steps."""
+    left = max_minutes * 60 - elapsed - eval_seconds  # the final evaluation
+    return max(iter_num + 1, iter_num + int(left / (step_seconds + eval_seconds / eval_interval)))
+
+
+interrupted = False  # a signal on this rank; stop_requested() is what all ranks agree on
 
 
 def request_stop(signum, frame):
-    """Ctrl-C (or a cluster's SIGTERM) stops at the end of this iteration, after a checkpoint."""
+    """Ctrl-C (or a cluster's SIGTERM) stops after this iteration, with a checkpoint."""
     global interrupted
     if not interrupted and master_process:
         print("\nstopping: a checkpoint is written at the end of this iteration "
               "(Ctrl-\\ quits without one)")
     interrupted = True
+
+
+def stop_requested():
+    if not ddp:
+        return interrupted
+    flag = torch.tensor(float(interrupted), device='cpu' if cpu_group else device)
+    dist.all_reduce(flag, group=cpu_group)
+    return flag.item() > 0
 
 
 signal.signal(signal.SIGINT, request_stop)
@@ -421,12 +469,32 @@ if master_process:
     print(f"sample prompts: {sample_prompts}")
 
 # training loop
-t0 = time.time()
+t_log, first_iter, lr = time.time(), iter_num, get_lr(iter_num)
+eval_seconds, budget_from, stop = 0.0, None, False
+loss_sum, loss_count = torch.zeros((), device=device), 0  # on the device: read only to log
 while True:
     # evaluate, sample and checkpoint; not again at the iteration we resumed at
-    last = iter_num >= max_iters or stop_requested
+    due_eval = iter_num % eval_interval == 0 or iter_num >= max_iters or stop
+    due_ckpt = (iter_num % ckpt_interval == 0 and iter_num > 0) or iter_num >= max_iters or stop
+    if loss_count and (due_ckpt or iter_num % log_interval == 0):  # the loss since the last log
+        if ddp:
+            dist.all_reduce(loss_sum)
+        lossf = loss_sum.item() / ddp_world_size / loss_count
+        loss_sum.zero_()
+        if not math.isfinite(lossf):  # stop before a broken model overwrites the last good one
+            fail(f"the loss is {lossf} at iter {iter_num}; stopped without saving. {ckpt_path} is "
+                 f"the last good checkpoint (try a lower learning_rate, or dtype='float32')")
+        if master_process:
+            dt, t_log = (time.time() - t_log) / loss_count, time.time()
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                  f"{global_batch / dt:.0f} images/s")
+            if wandb_log:
+                wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr,
+                           'images_per_s': global_batch / dt}, step=iter_num)
+        loss_count = 0
     if iter_num != resumed_at:
-        if master_process and not stop_requested and (iter_num % eval_interval == 0 or last):
+        if master_process and not stop and due_eval:
+            t_eval = time.time()
             val_loss = estimate_loss(ema)
             best_val_loss = min(best_val_loss, val_loss)
             path = os.path.join(out_dir, 'samples', f'iter_{iter_num:06d}.png')
@@ -434,14 +502,30 @@ while True:
             print(f"iter {iter_num}: val loss {val_loss:.4f} (EMA), samples in {path}")
             if wandb_log:
                 wandb.log({'iter': iter_num, 'val/loss': val_loss}, step=iter_num)
-        if iter_num % ckpt_interval == 0 or last:
+            eval_seconds, t_log = time.time() - t_eval, t_log + time.time() - t_eval
+        if due_ckpt:
             save_checkpoint()
-    if last:
-        if stop_requested and master_process:
+    if iter_num >= max_iters or stop:
+        if stop and master_process:
             print(f"interrupted; continue with: python train.py {' '.join(sys.argv[1:])} "
                   f"--init_from=resume")
         break
-    t0 = time.time()
+
+    # a time budget: time steps after the compile and warm-up, then fix max_iters (in the warm-up,
+    # before the cosine decay starts, so the schedule runs over exactly the steps that fit)
+    if max_minutes and budget_iters is None and iter_num == first_iter + 10:
+        budget_from = (iter_num, time.time())
+    if budget_from and iter_num == first_iter + min(max(warmup_iters, 20), 60):
+        step_seconds = (time.time() - budget_from[1]) / (iter_num - budget_from[0])
+        chosen = torch.tensor(fit_budget(time.time() - t_start, step_seconds, eval_seconds),
+                              device=device)
+        if ddp:
+            dist.broadcast(chosen, 0)  # every rank runs rank 0's number of steps
+        max_iters = budget_iters = int(chosen)
+        budget_from = None
+        if master_process:
+            print(f"time budget {max_minutes:g} min: {step_seconds * 1000:.0f} ms a step, "
+                  f"{eval_seconds:.1f} s an evaluation -> max_iters = {max_iters}")
 
     # set the learning rate for this iteration
     lr = get_lr(iter_num)
@@ -450,7 +534,6 @@ while True:
 
     # forward and backward, with gradient accumulation over micro-steps
     rows = next_rows()
-    loss_sum = torch.zeros((), device=device)
     for micro_step in range(micro_steps):
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = (micro_step == micro_steps - 1)
@@ -460,9 +543,13 @@ while True:
             weight = random_masks(len(x0), H, W).to(device)  # (B, 1, H, W)
             cond = masked_input(x0, weight)
         with ctx:
-            loss = training_loss(model, x0, text, beta_a, beta_b, p_uncond, cond=cond,
-                                 weight=weight, objective=raw_model.prediction,
-                                 text_noise=text_noise)
+            if objective == 'consistency':
+                gap = consistency_gap[0] * (consistency_gap[1] / consistency_gap[0]) ** (
+                    iter_num / max_iters)
+                loss = consistency_loss(model, x0, text, gap, beta_a, beta_b, p_uncond, teacher)
+            else:
+                loss = training_loss(model, x0, text, beta_a, beta_b, p_uncond, cond=cond,
+                                     weight=weight)
             loss = loss / micro_steps  # the mean over the global batch, once averaged over ranks
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -473,27 +560,8 @@ while True:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     update_ema(iter_num)
-    iter_num += 1
-
-    # the global batch's loss and any rank's stop request, the same on all ranks
-    stats = torch.stack([loss_sum, torch.tensor(float(interrupted), device=device)])
-    if ddp:
-        dist.all_reduce(stats)
-    lossf, stop_requested = stats[0].item() / ddp_world_size, stats[1].item() > 0
-    if not math.isfinite(lossf):  # stop before a broken model overwrites the last good checkpoint
-        if ddp:
-            dist.destroy_process_group()
-        fail(f"error: the loss is {lossf} at iter {iter_num}; stopped without saving. {ckpt_path} "
-             f"is the last good checkpoint (try a lower learning_rate, or dtype='float32')")
-
-    # log
-    if iter_num % log_interval == 0 and master_process:
-        dt = time.time() - t0
-        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-              f"{global_batch / dt:.0f} images/s")
-        if wandb_log:
-            wandb.log({'iter': iter_num, 'train/loss': lossf, 'lr': lr,
-                       'images_per_s': global_batch / dt}, step=iter_num)
+    iter_num, loss_count = iter_num + 1, loss_count + 1
+    stop = stop_requested()  # any rank's Ctrl-C or SIGTERM, the same on all ranks
 
 if ddp:
     dist.barrier()  # rank 0 may still be writing the checkpoint: tear gloo/NCCL down together

@@ -13,6 +13,7 @@ exec(open("config/tiny.py").read())  # the tiny run (its architecture for --init
 out_dir = 'out-tiny-64'
 data_dir = 'data/prepared/emoji64'
 init_from = 'out-tiny'  # the architecture comes from the checkpoint
+max_minutes = 0.0  # a fixed number of steps
 eval_interval = 100
 ckpt_interval = 100
 log_interval = 25

@@ -24,6 +24,7 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for configurator
 from configurator import configure, fail  # noqa: E402
+from prepare import replacing  # noqa: E402
 
 # -----------------------------------------------------------------------------
 font = ''  # render the images from this font (Noto Color Emoji 2.042); '' -> captions only
@@ -40,7 +41,7 @@ V1_TEMPLATES = [  # the first release's frames: they pick the shipped val captio
     'clip art of {a}{n}', '{a}{n} on a white background',
 ]
 TRAIN_TEMPLATES = [t for t in V1_TEMPLATES if 'drawing' not in t]  # drawings are held out
-EXTRA_TEMPLATES = [  # the rich variant's further frames
+EXTRA_TEMPLATES = [  # extra_captions' further frames
     'an image of {a}{n}', 'an illustration of {a}{n}', '{a}{n} graphic', '{n} clipart',
     'the {n} emoji', '{a}{n} pictogram', 'a digital illustration of {a}{n}',
     '{a}{n} in emoji style', 'emoji: {n}', 'a vector illustration of {a}{n}',
@@ -395,17 +396,16 @@ def build(font_path='', size=32, folder=HERE):
         entries = list(enumerate(chosen))
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f'emoji{size}.png')
-        atlas.save(path + '.tmp', format='png', optimize=True)
-        os.replace(path + '.tmp', path)
+        with replacing(path) as tmp:
+            atlas.save(tmp, format='png', optimize=True)
     else:
         if not os.path.isfile(index) or not os.path.isfile(os.path.join(folder, 'emoji32.png')):
             fail(f"{folder} has no emoji.jsonl and emoji32.png: render them with --font")
         entries = [(r['index'], r['emoji']) for r in map(json.loads, open(index, encoding='utf-8'))]
         tiles32 = atlas_tiles(os.path.join(folder, 'emoji32.png'), 32)
     rows = caption_rows(entries, tiles32)
-    with open(index + '.tmp', 'w', encoding='utf-8') as f:
+    with replacing(index) as tmp, open(tmp, 'w', encoding='utf-8') as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
-    os.replace(index + '.tmp', index)
     print(f"wrote {len(rows)} emoji" + (f" at {size} px" if font_path else '') + f" into {folder}")
     return rows
 

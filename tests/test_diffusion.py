@@ -1,0 +1,237 @@
+"""The noise process, the loss, guidance, the samplers (against exact solutions) and masks."""
+import pytest
+import torch
+
+from conftest import tiny_denoiser
+from diffusion import (MASK_MODES, GaussianData, add_noise, generate, guided_denoiser, make_mask,
+                       random_masks, sample_ddim, sample_dpmpp_2m, sigma_schedule, slerp,
+                       training_loss)
+
+
+def test_add_noise_and_training_loss():
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    sigma = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    x_t = add_noise(x0, sigma, noise)
+    torch.testing.assert_close(x_t[0], x0[0])
+    torch.testing.assert_close(x_t[1], 0.75 * x0[1] + 0.25 * noise[1])
+    torch.testing.assert_close(x_t[3], noise[3])
+    # the loss is the MSE of the x0 prediction, reproduced by hand from the same RNG draws
+    model = tiny_denoiser(trained=True)
+    x0, text = torch.randn(4, 3, 16, 16), torch.randn(4, 8)
+    torch.manual_seed(1)
+    loss = training_loss(model, x0, text, p_uncond=0.5)
+    torch.manual_seed(1)
+    s = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(2.5)).sample((4,))
+    x_t = add_noise(x0, s, torch.randn_like(x0))
+    keep = (torch.rand(4, 1) >= 0.5).float()
+    torch.testing.assert_close(loss, ((model(x_t, s, text * keep) - x0) ** 2).mean())
+
+
+def test_training_sigma_is_beta_and_text_dropout_rate():
+    from diffusion import drop_text, sample_sigma
+    torch.manual_seed(0)
+    s = sample_sigma(200_000, 1.0, 2.5)
+    assert abs(s.mean().item() - 1 / 3.5) < 3e-3  # Beta(a, b) mean a / (a + b)
+    dropped = (drop_text(torch.ones(200_000, 4), 0.15).sum(1) == 0).float().mean().item()
+    assert abs(dropped - 0.15) < 5e-3
+
+
+def test_guidance_endpoints_and_batching():
+    model = tiny_denoiser(trained=True)
+    x, text, neg = torch.randn(3, 3, 16, 16), torch.randn(3, 8), torch.randn(3, 8)
+    s = torch.full((3,), 0.4)
+    cond, uncond = model(x, s, text), model(x, s, torch.zeros_like(text))
+    negative = model(x, s, neg)
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided_denoiser(model, text, cfg=1.0)(x, 0.4), cond, **close)
+    torch.testing.assert_close(guided_denoiser(model, text, cfg=0.0)(x, 0.4), uncond, **close)
+    torch.testing.assert_close(guided_denoiser(model, text, cfg=7.0)(x, 0.4), 7 * cond - 6 * uncond,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(guided_denoiser(model, text, cfg=0.0, uncond_emb=neg)(x, 0.4),
+                               negative, **close)
+
+
+def test_guidance_interval_is_a_second_solve_without_guidance():
+    """cfg_min_sigma: the steps from σ > cfg_min_sigma are guided, the rest run the conditional
+    model alone, as a second solve, so that DPM-Solver++(2M) does not extrapolate from a guided
+    prediction to an unguided one."""
+    model = tiny_denoiser(trained=True).eval()
+    text, noise = torch.randn(2, 8), torch.randn(2, 3, 16, 16)
+
+    def reference(g):  # guidance written out with separate forwards
+        def denoise(x, sigma):
+            s = torch.full((2,), sigma)
+            return g * model(x, s, text) + (1 - g) * model(x, s, torch.zeros_like(text))
+        return denoise
+    switching = lambda x, sigma: reference(5.0 if sigma > 0.3 else 1.0)(x, sigma)  # noqa: E731
+    sigmas = sigma_schedule(8)  # 1, .82, .65, .49, .35 | .23, .13, .04, 0: 5 steps from σ > 0.3
+    close = dict(rtol=1e-4, atol=1e-4)
+    for name, sampler in (('ddim', sample_ddim), ('dpmpp2m', sample_dpmpp_2m)):
+        got = generate(model, text, cfg=5.0, steps=8, sampler=name, noise=noise, cfg_min_sigma=0.3)
+        two_solves = sampler(reference(1.0), sampler(reference(5.0), noise, sigmas[:6]), sigmas[5:])
+        torch.testing.assert_close(got, two_solves, **close)
+        single = generate(model, text, cfg=5.0, steps=8, sampler=name, noise=noise)
+        assert (got - single).abs().max() > 1e-3
+        one_solve = sampler(switching, noise, sigmas)  # the same denoisers without the restart
+        if name == 'ddim':  # a one-step method has no history: the restart changes nothing
+            torch.testing.assert_close(got, one_solve, **close)
+        else:  # 2M's first unguided step is first order instead of extrapolating across the switch
+            assert (got - one_solve).abs().max() > 1e-3
+    batch_sizes = []
+    model.register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].shape[0]))
+    generate(model, text, cfg=5.0, steps=8, noise=noise, cfg_min_sigma=0.3)
+    assert batch_sizes == [4] * 5 + [2] * 3  # both halves in one forward while guided, then one
+    # only guidance that amplifies (g > 1) is limited: cfg 0, the unconditional model, stays so
+    torch.testing.assert_close(generate(model, text, cfg=0.0, steps=8, noise=noise,
+                                        cfg_min_sigma=0.3),
+                               generate(model, torch.zeros_like(text), cfg=1.0, steps=8,
+                                        noise=noise), **close)
+
+
+def test_samplers_converge_to_exact_ode_solution_at_their_order():
+    data = GaussianData()
+    dpm = {n: data.error(sample_dpmpp_2m, n) for n in (15, 30, 60, 120)}
+    ddim = {n: data.error(sample_ddim, n) for n in (15, 30, 50, 60, 120)}
+    assert dpm[15] < 0.02  # data std is 0.5-1.5
+    assert dpm[15] < ddim[50]  # 15 second-order steps beat 50 first-order ones
+    for n in (30, 60):  # doubling the steps: ~4x less error for 2M (order 2), ~2x for DDIM
+        assert 3.0 < dpm[n] / dpm[2 * n] < 5.0, dpm
+        assert 1.8 < ddim[n] / ddim[2 * n] < 2.2, ddim
+    # the same holds on a schedule that starts below σ=1 and with another spacing
+    ratio = data.error(sample_dpmpp_2m, 60, 0.95, rho=1.0) / data.error(sample_dpmpp_2m, 120, 0.95,
+                                                                         rho=1.0)
+    assert 3.0 < ratio < 5.0
+
+
+def test_sigma_schedule():
+    s = sigma_schedule(4, 1.0, 2.0)  # explicit ρ=2: the default is 1.5
+    assert s == [1.0, 0.5625, 0.25, 0.0625, 0.0]
+    with pytest.raises(ValueError, match='steps'):
+        sigma_schedule(0)
+
+
+def test_generate_is_seeded_and_guidance_changes_output():
+    model = tiny_denoiser(trained=True).eval()
+    text = torch.randn(2, 8)
+    run = lambda seed, cfg=3.0, sampler='dpmpp2m': generate(  # noqa: E731
+        model, text, cfg=cfg, steps=4, sampler=sampler,
+        generator=torch.Generator().manual_seed(seed))
+    a = run(0)
+    assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all()
+    assert torch.equal(a, run(0))
+    assert not torch.allclose(a, run(1))
+    assert not torch.allclose(a, run(0, cfg=1.0))
+    assert not torch.allclose(a, run(0, sampler='ddim'))
+
+
+def test_masks_cover_each_mode_with_the_right_area():
+    H, W = 16, 24
+    assert make_mask('left', H, W)[0, :, :12].all() and make_mask('left', H, W).sum() == H * W / 2
+    assert make_mask('right', H, W)[0, :, 12:].all() and make_mask('right', H, W).sum() == H * W / 2
+    assert make_mask('up', H, W)[0, :8].all() and make_mask('up', H, W).sum() == H * W / 2
+    assert make_mask('down', H, W)[0, 8:].all() and make_mask('down', H, W).sum() == H * W / 2
+    border = make_mask('border', H, W, frac=0.5)
+    assert border.sum() == H * W - 8 * 12 and border[0, 4:12, 6:18].sum() == 0
+    assert make_mask('box', H, W, box=(2, 3, 6, 10)).sum() == 4 * 7
+    masks = random_masks(600, H, W, torch.Generator().manual_seed(0))
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    areas = masks.mean((1, 2, 3))
+    assert (areas > 0).all() and (areas < 1).all()
+    assert (areas == 0.5).float().mean() > 0.4  # the 4 half-image directions (and some borders)
+    assert ((areas != 0.5) & (areas >= 1 / 16)).any()  # boxes and borders
+    with pytest.raises(ValueError, match='mask mode'):
+        make_mask('diagonal', H, W)
+    assert len(MASK_MODES) == 6
+
+
+def test_masked_generation_keeps_the_known_region():
+    model = tiny_denoiser(trained=True, cond_channels=4).eval()
+    known = torch.rand(2, 3, 16, 16) * 2 - 1
+    mask = make_mask('right', 16, 16)[None].expand(2, 1, 16, 16)
+    for sampler in ('ddim', 'dpmpp2m'):
+        out = generate(model, torch.randn(2, 8), cfg=3.0, steps=5, sampler=sampler, known=known,
+                       mask=mask, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out * (1 - mask), known * (1 - mask), rtol=0, atol=1e-6)
+        assert (out * mask - known * mask).abs().mean() > 0.05  # the masked half is generated
+
+
+def test_slerp():
+    a, b = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(slerp(a, b, 0.0), a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(slerp(a, b, 1.0), b, rtol=1e-5, atol=1e-5)
+    mid = slerp(a, b, 0.5)
+    # nearly orthogonal Gaussian vectors: slerp keeps the norm that lerp would shrink by ~1/sqrt(2)
+    assert abs(mid.flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1) - 1).max() < 0.1
+
+
+def test_sigma_goes_to_a_gpu_pinned_and_without_waiting(monkeypatch):
+    """On a GPU, σ is drawn from the CPU generator (the stream a resume restores) and copied from
+    pinned memory with non_blocking=True, so the CPU never waits for the GPU here."""
+    from diffusion import sample_sigma
+    calls = []
+    monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda t: calls.append('pin') or t)
+    monkeypatch.setattr(torch.Tensor, 'to', lambda t, *a, **k: calls.append((a, k)) or t)
+    torch.manual_seed(3)
+    sigma = sample_sigma(5, device='cuda:0')
+    assert calls == ['pin', (('cuda:0',), {'non_blocking': True})]
+    torch.manual_seed(3)
+    torch.testing.assert_close(sigma, sample_sigma(5))  # the same draws as on a CPU
+
+
+# ----- consistency tuning -----
+
+def test_consistency_f_is_the_identity_at_sigma_0_and_the_denoiser_at_1():
+    from diffusion import consistency_output
+    model = tiny_denoiser(trained=True)
+    x, text = torch.randn(2, 3, 16, 16), torch.randn(2, 8)
+    torch.testing.assert_close(consistency_output(model, x, torch.zeros(2), text), x, rtol=0,
+                               atol=1e-6)
+    ones = torch.ones(2)
+    torch.testing.assert_close(consistency_output(model, x, ones, text), model(x, ones, text))
+
+
+def test_consistency_loss_is_zero_for_the_exactly_consistent_model():
+    """Data that is one image μ: every ODE trajectory is the straight line from ε to μ, and the
+    exact consistency function is f ≡ μ. A model whose f is that has zero loss, tuned alone (x_t
+    and x_r share ε) or distilled from the ideal denoiser (D ≡ μ: its DDIM step stays on the line);
+    the ideal denoiser itself, whose f is not constant, does not."""
+    from diffusion import SIGMA_DATA, consistency_loss
+    mu = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)).expand(8, -1, -1, -1)
+    text = torch.zeros(8, 8)
+
+    def exact_f(x, sigma, text, cond=None):  # D such that c·x + (1 - c(1-σ))·D = μ
+        s = sigma.view(-1, 1, 1, 1)
+        c = SIGMA_DATA ** 2 * (1 - s) / (s ** 2 + SIGMA_DATA ** 2 * (1 - s) ** 2)
+        return (mu - c * x) / (1 - c * (1 - s))
+
+    def ideal_denoiser(x, sigma, text, cond=None):
+        return mu.clone()
+
+    torch.manual_seed(0)
+    for teacher in (None, ideal_denoiser):
+        assert consistency_loss(exact_f, mu, text, 0.3, teacher=teacher).item() < 1e-9
+        assert consistency_loss(ideal_denoiser, mu, text, 0.3, teacher=teacher).item() > 1e-2
+
+
+def test_consistency_sampler_calls_the_model_once_a_step_and_is_seeded():
+    calls = []
+    model = tiny_denoiser(trained=True).eval()
+
+    def counting(x, sigma, text, cond=None):
+        calls.append(len(x))
+        return model(x, sigma, text, cond=cond)
+    counting.n_channels, counting.patch_size, counting.pos_emb = 3, 2, model.pos_emb
+    text = torch.randn(2, 8)
+    for steps, cfg, per_step in ((1, 1.0, 2), (4, 1.0, 2), (4, 3.0, 4)):
+        calls.clear()
+        out = generate(counting, text, cfg=cfg, steps=steps, sampler='consistency',
+                       generator=torch.Generator().manual_seed(0))
+        assert calls == [per_step] * steps  # one forward a step; with guidance, of 2B rows
+        again = generate(model, text, cfg=cfg, steps=steps, sampler='consistency',
+                         generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, again)
+    one = generate(model, text[:1], steps=4, sampler='consistency', cfg=3.0,
+                   noise=torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))[:1])
+    both = generate(model, text, steps=4, sampler='consistency', cfg=3.0,
+                    noise=torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(one, both[:1], rtol=1e-4, atol=1e-5)  # an image: its noise alone
