@@ -224,7 +224,7 @@ def bench_sample(peaks):
         model = tiny_model() if name == 'tiny' else \
             Denoiser(**MODEL_CONFIGS['small']).eval().to(device)
         text_encoder = TextEncoder('minilm', device) if name == 'tiny' else None
-        pipe = Pipeline(model, text_encoder, ImageCodec('none', device), 1.0, device, dtype)
+        pipe = Pipeline(model, text_encoder, ImageCodec('none', device), None, device, dtype)
         noise = make_noise(range(36), pipe.latent_shape())
         if text_encoder is not None:
             t_text = timeit(lambda: pipe.encode_text(prompts), n=3, warmup=1)

@@ -200,10 +200,10 @@ class ImageCodec:
             return
         if os.path.isdir(vae) and any(f.endswith('_encoder.pth') for f in os.listdir(vae)):
             self.vae = load_taesd(vae)
-            # scale 1: TAESD's latents are its diffusion model's own (for SD, the VAE's times its
-            # scaling_factor); TAEF2's are FLUX.2's raw 32 channels, which FLUX.2 normalises per
-            # channel after a 2x2 patchify: prepare.py measures that from the data instead
+            # no scale of its own: TAEF2's latents are FLUX.2's raw 32 channels, which FLUX.2
+            # normalises per channel, so prepare.py measures the scale from the data
             self.channels, self.downsample = self.vae.encoder[-1].out_channels, 8
+            self.scale_factor = None
             self._encode = lambda x: self.vae.encoder(x.add(1).div(2))  # TAESD's images: [0, 1]
             self._decode = lambda z: self.vae.decoder(z).mul(2).sub(1)
         else:

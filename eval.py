@@ -181,10 +181,10 @@ def split_prompts(data, name, real):
     split = dict(name=name, rows=rows, captions=[captions[i] for i in rows],
                  text_emb=torch.from_numpy(np.asarray(getattr(data, f'{name}_text_emb')[rows],
                                                       dtype=np.float32)))  # (P, D)
-    split['images'] = decode_latents(real['codec'], data.to_tensor(latents[rows]), 1.0)
+    split['images'] = decode_latents(real['codec'], data.to_tensor(latents[rows]))
     if fid:  # the real images' FID/KID: as many distinct images of the split as a row has
         pick = distinct_rows(latents, len(rows) * n_per_prompt, np.random.default_rng(seed))
-        split['fid_images'] = decode_latents(real['codec'], data.to_tensor(latents[pick]), 1.0)
+        split['fid_images'] = decode_latents(real['codec'], data.to_tensor(latents[pick]))
     if real['images'] is not None:
         offset = real['offsets'][name]
         split['targets'] = real['images'].row_class[offset + torch.from_numpy(rows)]  # (P,)

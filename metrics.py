@@ -84,7 +84,7 @@ def real_images(data, codec, splits=()):
         if latents is not None:
             offsets[name], n = n, n + len(latents)
             parts.append(latents)
-    images = torch.cat([decode_latents(codec, data.to_tensor(p[:]), 1.0) for p in parts])
+    images = torch.cat([decode_latents(codec, data.to_tensor(p[:])) for p in parts])
     return RealImages(images), offsets
 
 
@@ -337,8 +337,8 @@ def real_features(inception, size, data, codec, folder='', limit=2048, seed=0, c
         key.update(f"{codec.name} {pick.tolist()}".encode())
         key.update(np.ascontiguousarray(data.latents[pick]).tobytes())
         what, count = f"distinct training images of {data.data_dir}", len(pick)
-        chunks = lambda i: decode_latents(codec, data.to_tensor(data.latents[pick[i:i + chunk]]),
-                                          1.0)  # unscaled latents -> [0, 1]
+        chunks = lambda i: decode_latents(  # latents as the codec made them -> [0, 1]
+            codec, data.to_tensor(data.latents[pick[i:i + chunk]]))
     path = os.path.join(data.data_dir, 'fid_cache', f"real_{key.hexdigest()[:16]}.npy")
     print(f"FID/KID real images: {count} {what} at {size[0]}x{size[1]} px", flush=True)
     t = time.time()

@@ -43,6 +43,22 @@ def sinusoidal_embedding(sigma, dim, max_period=10_000.0):
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+# ----- the one CPU fast path: attention in bf16 training -----
+CPU_BF16_TRAINING_ATTENTION = True  # False: SDPA everywhere, which computes the same
+
+
+def attention(q, k, v, dropout=0.0):
+    """softmax(q·kᵀ/√d)·v over (B, h, N, d) queries and (B, h, L, d) keys and values. SDPA, but
+    for training under bf16 autocast on a CPU, where its fused backward is slow: two matmuls and
+    a softmax there train the README's demo twice as fast (docs/speed.md)."""
+    if (CPU_BF16_TRAINING_ATTENTION and q.device.type == 'cpu' and torch.is_grad_enabled()
+            and torch.is_autocast_enabled('cpu')
+            and torch.get_autocast_dtype('cpu') == torch.bfloat16):
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, h, N, L)
+        return F.dropout(scores.softmax(dim=-1), dropout) @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # flash attention go brrr
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection. As in the reference model there is
     no output projection: the heads go into the residual and the MLP that follows mixes them."""
@@ -55,8 +71,8 @@ class SelfAttention(nn.Module):
     def forward(self, x):  # (B, N, D)
         q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3,
                             h=self.n_heads)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0)
-        return rearrange(y, 'b h n d -> b n (h d)')  # flash attention go brrr on GPUs
+        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, h, N, hd)
+        return rearrange(y, 'b h n d -> b n (h d)')
 
 
 class CrossAttention(nn.Module):
@@ -71,7 +87,7 @@ class CrossAttention(nn.Module):
     def forward(self, x, context):
         q = rearrange(self.q(x), 'b n (h d) -> b h n d', h=self.n_heads)
         k, v = rearrange(self.kv(context), 'b l (two h d) -> two b h l d', two=2, h=self.n_heads)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0)
+        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, h, N, hd)
         return rearrange(y, 'b h n d -> b n (h d)')
 
 

@@ -131,6 +131,13 @@ class Prepared:
         return x if q is None else x * q['scale'] + q['offset']
 
 
+def latent_norm(meta):
+    """(shift, scale), each (C|1, 1, 1): model space = (latents - shift) · scale, the denoiser's
+    roughly unit-variance input. A codec's own scale_factor, or per channel as measured here."""
+    return tuple(torch.tensor(meta.get(k, v), dtype=torch.float32).reshape(-1, 1, 1)
+                 for k, v in (('latent_shift', 0.0), ('scale_factor', 1.0)))
+
+
 def load_prepared(data_dir):
     """Open a prepare.py output dir for reading. A missing or inconsistent file, an empty split or
     a NaN or inf in a sample of the rows is a one-line error naming the file."""
@@ -576,6 +583,9 @@ def _encode(c, src, writer, text, codec):
             if images:
                 x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1  # (B,3,S,S)
                 z = codec.encode(x).cpu().numpy()  # (B, C, h, w), unscaled
+                m = np.stack([np.full(z.shape[1], z[:, 0].size), z.sum((0, 2, 3), np.float64),
+                              np.square(z, dtype=np.float64).sum((0, 2, 3))])  # per channel
+                state['moments'] = (m + np.array(state['moments'] or 0)).tolist()
                 if c.latent_dtype == 'uint8':
                     z, state['quantization'] = quantize(z, state['quantization'], c.vae == 'none')
                 for name, r in rows.items():
@@ -619,6 +629,7 @@ def prepare(**overrides):
     latent_shape = (codec.channels, *[c.image_size // codec.downsample] * 2)
     splits = list(SPLITS) if c.source == 'emoji' else ['train', 'val']
     state = previous or dict(settings=signature, n_items=src.n_items, items_done=0, val_owed=0,
+                             moments=None,
                              rows=dict.fromkeys(splits, 0), bytes={}, skip_counts={},
                              quantization=None, seconds=0.0)
     writer = Writer(c.out_dir, state, latent_shape, c.latent_dtype, text.dim)
@@ -636,9 +647,13 @@ def _finish(c, writer, text, codec, latent_shape, seconds):
         if state['rows'][split] == 0:
             fail(f"no usable items for the {split} split in --input={c.input or EMOJI_DIR}: "
                  f"skipped {dict(counts)} (see {os.path.join(c.out_dir, 'skipped.jsonl')})")
+    n, s1, s2 = np.array(state['moments'])  # per channel: values, sum, sum of squares
+    mean = s1 / n  # a codec without a known scale gets unit variance per channel
+    shift, scale = ((mean.tolist(), (1 / np.sqrt(s2 / n - mean ** 2)).tolist())
+                    if codec.scale_factor is None else (0.0, codec.scale_factor))
     meta = dict(
         source=c.source, input=state['settings']['input'], text_encoder=text.name,
-        text_dim=text.dim, vae=codec.name, scale_factor=codec.scale_factor,
+        text_dim=text.dim, vae=codec.name, scale_factor=scale, latent_shift=shift,
         latent_shape=list(latent_shape), image_size=c.image_size,
         **{SPLITS[split][1]: n for split, n in state['rows'].items()},
         latent_dtype=c.latent_dtype, text_dtype='float16', quantization=state['quantization'],

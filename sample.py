@@ -38,7 +38,7 @@ from configurator import configure, fail
 from diffusion import SAMPLERS, generate, lerp, make_mask, slerp, trained_size
 from encoders import ImageCodec, TextEncoder
 from model import PTDTYPES, autocast, denoiser_from_checkpoint, load_checkpoint, resolve_dtype
-from prepare import Skip, read_image, replacing
+from prepare import Skip, latent_norm, read_image, replacing
 
 # -----------------------------------------------------------------------------
 # the command line's settings: only the code under __main__ reads them, the library takes arguments
@@ -79,9 +79,9 @@ class Pipeline:
     """A trained denoiser with the frozen text encoder and image codec its data was prepared with.
     The three phases are separate methods so that they can be timed on their own (bench.py)."""
 
-    def __init__(self, model, text_encoder, codec, scale_factor, device='cpu', dtype='auto'):
+    def __init__(self, model, text_encoder, codec, norm=None, device='cpu', dtype='auto'):
         self.model, self.text_encoder, self.codec = model, text_encoder, codec
-        self.scale_factor, self.device = scale_factor, device
+        self.norm, self.device = norm, device  # prepare.latent_norm: model space <-> latents
         self.dtype = resolve_dtype(dtype, device)
         self.ctx = autocast(device, self.dtype)  # the denoiser only: the sampler's math is fp32
 
@@ -110,8 +110,9 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_image(self, img):
-        """(B, 3, H, W) in [-1, 1] -> model space (latents × scale_factor)."""
-        return self.codec.encode(img.to(self.device)).float() * self.scale_factor
+        """(B, 3, H, W) in [-1, 1] -> model space, (latents - shift) · scale."""
+        z = self.codec.encode(img.to(self.device)).float()
+        return z if self.norm is None else (z - self.norm[0].to(z)) * self.norm[1].to(z)
 
     @torch.no_grad()
     def sample_latents(self, text_emb, noise, cfg=7.0, steps=15, sampler='dpmpp2m', uncond_emb=None,
@@ -136,7 +137,7 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, x, batch_size=16):
         """Model space (B, C, h, w) -> images (B, 3, H, W) in [0, 1], on the CPU."""
-        return decode_latents(self.codec, x, self.scale_factor, batch_size)
+        return decode_latents(self.codec, x, self.norm, batch_size)
 
 
 def pipeline_from_checkpoint(ckpt, device='cpu', dtype='auto', compile=False, text_encoder=True,
@@ -155,7 +156,7 @@ def pipeline_from_checkpoint(ckpt, device='cpu', dtype='auto', compile=False, te
                          f"but the model in '{source}' expects {width}")
     codec = ImageCodec(meta.get('vae', 'none'), device, dtype)
     pipe = Pipeline(compile_for_inference(model) if compile else model, encoder, codec,
-                    float(meta.get('scale_factor', codec.scale_factor)), device, dtype)
+                    latent_norm(meta), device, dtype)
     pipe.info = (f"{model.num_params() / 1e6:.2f}M parameters, iter {ckpt.get('iter_num')}, "
                  f"text encoder '{meta.get('text_encoder')}', vae '{codec.name}'")
     return pipe
@@ -244,10 +245,12 @@ def inpaint_images(pipe, text, image, mask, n=1, seed=0, **settings):
 # ----- images in and out -----
 
 @torch.no_grad()
-def decode_latents(codec, x, scale_factor, batch_size=16):
-    """Model space (B, C, h, w) -> images (B, 3, H, W) in [0, 1] on the CPU, batch_size at once."""
-    images = [codec.decode(x[i:i + batch_size] / scale_factor).float().cpu()
-              for i in range(0, x.shape[0], batch_size)]
+def decode_latents(codec, x, norm=None, batch_size=16):
+    """Model space (B, C, h, w) -> images (B, 3, H, W) in [0, 1] on the CPU, batch_size at once.
+    norm: prepare.latent_norm's (shift, scale); None for latents as the codec made them."""
+    if norm is not None:
+        x = x / norm[1].to(x.device) + norm[0].to(x.device)
+    images = [codec.decode(x[i:i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
     return ((torch.cat(images) + 1) / 2).clamp(0, 1)
 
 

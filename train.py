@@ -39,7 +39,7 @@ from diffusion import (add_noise, consistency_loss, consistency_output, generate
 from encoders import ImageCodec, TextEncoder
 from model import (PTDTYPES, Denoiser, autocast, finetune_from, load_checkpoint, resolve_dtype,
                    rng_state, set_rng_state)
-from prepare import incompatibility, load_prepared, replacing
+from prepare import incompatibility, latent_norm, load_prepared, replacing
 from sample import decode_latents, save_grid
 
 # -----------------------------------------------------------------------------
@@ -185,7 +185,7 @@ if ddp:
     dist.barrier()  # the other ranks wait for the data
 data = load_prepared(data_dir)  # a missing, empty or inconsistent file is a one-line error
 meta = data.meta
-scale_factor = float(meta['scale_factor'])  # model space = latents * scale_factor (~unit variance)
+shift, scale = latent_norm(meta)  # model space = (latents - shift) · scale: about unit variance
 n_channels, H, W = meta['latent_shape']
 n_train, n_val = len(data.latents), len(data.val_latents)
 cond_channels = n_channels + 1 if outpaint else 0  # masked image + mask
@@ -223,7 +223,7 @@ def get_batch(rows, micro_step):
 def load_rows(latents, text_emb, idx):
     """Rows idx -> (B, C, H, W) model-space latents and (B, D_text) text embeddings on the device;
     to a GPU from pinned memory without blocking, so the copy overlaps the work queued before it."""
-    x0, text = data.to_tensor(latents[idx]) * scale_factor, data.to_tensor(text_emb[idx])
+    x0, text = (data.to_tensor(latents[idx]) - shift) * scale, data.to_tensor(text_emb[idx])
     if device_type == 'cuda':
         x0, text = (t.pin_memory().to(device, non_blocking=True) for t in (x0, text))
     return x0, text
@@ -425,7 +425,7 @@ def sample_grid(net, path):
         x0 = generate(net, sample_text, cfg=1.0 if teacher_cfg else sample_cfg, steps=sample_steps,
                       generator=g, known=known, mask=mask, cfg_min_sigma=sample_cfg_min_sigma,
                       sampler='dpmpp2m' if objective == 'x0' else 'consistency')
-    images = decode_latents(codec, x0, scale_factor)  # (B, 3, H_img, W_img) in [0, 1]
+    images = decode_latents(codec, x0, (shift, scale))  # (B, 3, H_img, W_img) in [0, 1]
     save_grid(images, math.ceil(math.sqrt(len(images))), path, padding=1)
 
 

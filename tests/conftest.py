@@ -68,6 +68,20 @@ def one_line_error(proc):
     return lines[-1]
 
 
+def save_taesd(folder, name, channels=4, pool=False, seed=0, from_state=None):
+    """A TAESD pair NAME_encoder.pth / NAME_decoder.pth as published: fp16 state dicts."""
+    torch.manual_seed(seed)
+    from encoders import TinyAutoencoder
+    model = TinyAutoencoder(channels, pool)
+    if from_state is not None:
+        model.load_state_dict(from_state)
+    os.makedirs(folder, exist_ok=True)
+    for part in ('encoder', 'decoder'):
+        state = {k: v.half() for k, v in getattr(model, part).state_dict().items()}
+        torch.save(state, os.path.join(folder, f'{name}_{part}.pth'))
+    return str(folder)
+
+
 TINY_ARGS = dict(n_channels=3, image_size=16, patch_size=2, embed_dim=64, n_layers=2,
                  head_dim=32, mlp_multiplier=2, text_emb_size=8)
 

@@ -199,3 +199,21 @@ def test_a_file_that_is_not_a_checkpoint_is_named_and_never_loaded_unsafely(tmp_
     torch.save({'weights': torch.zeros(2)}, path)  # a real torch file, but not ours
     with pytest.raises(ValueError, match='not a nanoTLD checkpoint'):
         load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_the_cpu_attention_fast_path_computes_what_sdpa_does(monkeypatch, fast):
+    """The one switch: with or without the bf16 training path, the same values and gradients."""
+    import model as model_module
+    monkeypatch.setattr(model_module, 'CPU_BF16_TRAINING_ATTENTION', fast)
+    q, k, v = (torch.randn(2, 4, 16, 32, requires_grad=True) for _ in range(3))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model_module.attention(q, k, v)
+    out.float().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    expected = torch.softmax(q.detach() @ k.detach().transpose(-1, -2) / 32 ** 0.5, -1) @ v.detach()
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    (torch.softmax(q2 @ k2.transpose(-1, -2) / 32 ** 0.5, -1) @ v2).sum().backward()
+    for g, t in zip(grads, (q2, k2, v2)):
+        torch.testing.assert_close(g, t.grad, atol=5e-2, rtol=5e-2)

@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, one_line_error, run_in_process, write_prepared
+from conftest import ROOT, one_line_error, run_in_process, save_taesd, write_prepared
 
 import prepare
 from encoders import ImageCodec, TextEncoder
@@ -446,3 +446,26 @@ def test_emoji_colours_agree_with_the_colour_in_the_name():
     decided = [(e['colour'], c) for e, c in named if e['colour'] is not None]
     assert len(named) >= 50 and len(decided) >= 0.8 * len(named)
     assert all(got == want for got, want in decided), [d for d in decided if d[0] != d[1]]
+
+
+def test_a_codec_without_a_scale_gets_unit_variance_per_channel(tmp_path, tiny_encoders):
+    """A TAESD dir's latents have no known scale: prepare.py measures each channel's mean and std
+    over the encoded images, so the model space has zero mean and unit variance per channel, and
+    the pipeline maps it back to the codec's latents exactly."""
+    from sample import Pipeline
+    make_images(tmp_path / 'images', 12)
+    meta = prepare.prepare(source='folder', input=str(tmp_path / 'images'), image_size=32,
+                           vae=save_taesd(tmp_path / 'taesd', 'taesd'), dtype='float32',
+                           text_encoder=tiny_encoders['clip'], out_dir=str(tmp_path / 'out'))
+    assert len(meta['scale_factor']) == len(meta['latent_shift']) == 4
+    data = prepare.load_prepared(str(tmp_path / 'out'))
+    shift, scale = prepare.latent_norm(meta)  # (4, 1, 1) each
+    z = torch.cat([data.to_tensor(data.latents[:]), data.to_tensor(data.val_latents[:])])
+    x = (z - shift) * scale  # (12, 4, 4, 4): every image once
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(4), atol=2e-3, rtol=0)
+    torch.testing.assert_close(x.std((0, 2, 3), correction=0), torch.ones(4), atol=2e-3, rtol=0)
+    codec = ImageCodec(meta['vae'], dtype='float32')
+    pipe = Pipeline(None, None, codec, (shift, scale))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(pipe.decode(pipe.encode_image(images)),
+                               (codec.decode(codec.encode(images)) + 1) / 2, atol=1e-5, rtol=0)
