@@ -32,7 +32,7 @@ from torch.utils.flop_counter import (FlopCounterMode, conv_flop_count, sdpa_bac
                                       sdpa_flop_count)
 
 from configurator import configure, fail
-from diffusion import SAMPLERS, GaussianData, guided_denoiser, sample_dpmpp_2m, sigma_schedule
+from diffusion import SAMPLERS, guided_denoiser, sample_dpmpp_2m, sigma_schedule
 from model import PTDTYPES, Denoiser, autocast, resolve_dtype, sinusoidal_embedding
 
 # -----------------------------------------------------------------------------
@@ -57,6 +57,32 @@ MODEL_CONFIGS = {  # the two sizes timed: a small model and config/base.py's siz
                  text_emb_size=768),
 }
 DTYPES = []  # the resolved dtypes measured, set by main()
+
+
+class GaussianData:
+    """Data with a known answer, for checking the samplers (the tests, bench.py).
+    For x0 ~ N(μ, diag(s²)) both E[x0 | x_σ] (the ideal denoiser) and the exact probability-flow
+    ODE solution are closed-form: z = (x_σ - α·μ) / sqrt(α²s² + σ²) is constant along the flow."""
+
+    def __init__(self, dim=4096, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.mu = torch.rand(dim, generator=g, dtype=torch.float64) - 0.5
+        self.s = 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
+        self.noise = torch.randn(dim, generator=g, dtype=torch.float64)
+
+    def denoise(self, x, sigma):  # the ideal x0-predictor E[x0 | x_σ]
+        a = 1 - sigma
+        return self.mu + a * self.s ** 2 / (a ** 2 * self.s ** 2 + sigma ** 2) * (x - a * self.mu)
+
+    def exact(self, x, sigma):  # the ODE solution at σ = 0 from x at σ
+        a = 1 - sigma
+        return self.mu + self.s * (x - a * self.mu) / torch.sqrt(a ** 2 * self.s ** 2 + sigma ** 2)
+
+    def error(self, sampler, steps, sigma_max=1.0, **schedule):
+        """RMS error of a sampler's answer against the exact one, from σ_max to 0."""
+        x = sigma_max * self.noise
+        out = sampler(self.denoise, x, sigma_schedule(steps, sigma_max, **schedule))
+        return ((out - self.exact(x, sigma_max)) ** 2).mean().sqrt().item()
 
 
 def wanted(table):

@@ -69,9 +69,8 @@ def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
     if uncond_emb is None:
         uncond_emb = torch.zeros_like(text_emb)
 
-    def denoise(x, sigma):
-        B = x.shape[0]
-        s = torch.full((B,), float(sigma), device=x.device)
+    def denoise(x, sigma):  # σ: a number, or one per row (B,)
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         if cfg == 1.0:
             return model(x, s, text_emb, cond=cond).float()  # the sampler's arithmetic stays fp32
         both = model(torch.cat([x, x]), torch.cat([s, s]), torch.cat([text_emb, uncond_emb]),
@@ -199,10 +198,10 @@ def consistency_output(model, x, sigma, text_emb, cond=None):
 
 
 def consistency_loss(model, x0, text_emb, gap, beta_a=1.0, beta_b=1.0, p_uncond=0.15,
-                     teacher=None):
+                     teacher=None, teacher_cfg=1.0):
     """Consistency tuning: ‖f(x_t, t) - sg f(x_r, r)‖² / (t - r) for r = (1 - gap)·t. Without a
     teacher (ECT, Geng et al. 2024) x_t and x_r share x0 and ε; with one (consistency
-    distillation) x_r is a DDIM step of teacher, a guided denoiser D(x, σ, text), from x_t."""
+    distillation) x_r is a DDIM step of the frozen teacher guided at teacher_cfg, from x_t."""
     t = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device).clamp(min=1e-3)
     r = t * (1 - gap)
     noise, text = torch.randn_like(x0), drop_text(text_emb, p_uncond)
@@ -212,7 +211,8 @@ def consistency_loss(model, x0, text_emb, gap, beta_a=1.0, beta_b=1.0, p_uncond=
         x_r = add_noise(x0, r, noise)
     else:
         with torch.no_grad():
-            x_r = ((s - q) * teacher(x_t, t, text).float() + q * x_t) / s
+            x0_hat = guided_denoiser(teacher, text, teacher_cfg)(x_t, t)
+            x_r = ((s - q) * x0_hat + q * x_t) / s
     with torch.no_grad():
         target = consistency_output(model, x_r, r, text)
     return ((consistency_output(model, x_t, t, text) - target) ** 2 / (s - q)).mean()
@@ -293,31 +293,3 @@ def slerp(a, b, t):
 
 def lerp(a, b, t):
     return (1 - t) * a + t * b
-
-
-# ----- data with a known answer -----
-
-class GaussianData:
-    """Data with a known answer, for checking the samplers (the tests, bench.py).
-    For x0 ~ N(μ, diag(s²)) both E[x0 | x_σ] (the ideal denoiser) and the exact probability-flow
-    ODE solution are closed-form: z = (x_σ - α·μ) / sqrt(α²s² + σ²) is constant along the flow."""
-
-    def __init__(self, dim=4096, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.mu = torch.rand(dim, generator=g, dtype=torch.float64) - 0.5
-        self.s = 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
-        self.noise = torch.randn(dim, generator=g, dtype=torch.float64)
-
-    def denoise(self, x, sigma):  # the ideal x0-predictor E[x0 | x_σ]
-        a = 1 - sigma
-        return self.mu + a * self.s ** 2 / (a ** 2 * self.s ** 2 + sigma ** 2) * (x - a * self.mu)
-
-    def exact(self, x, sigma):  # the ODE solution at σ = 0 from x at σ
-        a = 1 - sigma
-        return self.mu + self.s * (x - a * self.mu) / torch.sqrt(a ** 2 * self.s ** 2 + sigma ** 2)
-
-    def error(self, sampler, steps, sigma_max=1.0, **schedule):
-        """RMS error of a sampler's answer against the exact one, from σ_max to 0."""
-        x = sigma_max * self.noise
-        out = sampler(self.denoise, x, sigma_schedule(steps, sigma_max, **schedule))
-        return ((out - self.exact(x, sigma_max)) ** 2).mean().sqrt().item()

@@ -79,7 +79,7 @@ teacher_cfg = 0.0  # consistency: 0 tunes alone (ECT); > 0 distils the starting 
 # AdamW optimizer
 learning_rate = 3e-4
 max_iters = 100_000
-max_minutes = 0.0  # > 0: a time budget; max_iters is then fixed from the measured step time
+max_minutes = 0.0  # > 0: a time budget; max_iters is then fitted to the measured step time
 weight_decay = 0.01  # not on norms, biases and embeddings
 beta1 = 0.9
 beta2 = 0.99
@@ -315,14 +315,9 @@ ema = copy.deepcopy(raw_model).requires_grad_(False).eval()  # fp32 EMA of the w
 if init_from == 'resume':
     ema.load_state_dict(ckpt['ema'])  # in place: the parameter lists below stay valid
 ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
-teacher = None  # consistency distillation: the frozen starting model, guided
+teacher = None  # consistency distillation: the frozen starting model
 if objective == 'consistency' and teacher_cfg:
-    frozen = copy.deepcopy(raw_model).requires_grad_(False).eval()
-
-    def teacher(x, sigma, text):  # both halves of guidance in one batch
-        both = frozen(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                      torch.cat([text, torch.zeros_like(text)])).float()
-        return teacher_cfg * both[:len(x)] + (1 - teacher_cfg) * both[len(x):]
+    teacher = copy.deepcopy(raw_model).requires_grad_(False).eval()
 resumed_at = iter_num if init_from == 'resume' else -1
 ckpt = None  # free the memory
 
@@ -470,7 +465,8 @@ if master_process:
 
 # training loop
 t_log, first_iter, lr = time.time(), iter_num, get_lr(iter_num)
-eval_seconds, budget_from, stop = 0.0, None, False
+eval_seconds = eval_total = 0.0  # the last evaluation's seconds, and all of them
+budget_from, stop = None, False  # (iter, time, eval_total) where the step timing began
 loss_sum, loss_count = torch.zeros((), device=device), 0  # on the device: read only to log
 while True:
     # evaluate, sample and checkpoint; not again at the iteration we resumed at
@@ -503,6 +499,7 @@ while True:
             if wandb_log:
                 wandb.log({'iter': iter_num, 'val/loss': val_loss}, step=iter_num)
             eval_seconds, t_log = time.time() - t_eval, t_log + time.time() - t_eval
+            eval_total += eval_seconds
         if due_ckpt:
             save_checkpoint()
     if iter_num >= max_iters or stop:
@@ -511,18 +508,20 @@ while True:
                   f"--init_from=resume")
         break
 
-    # a time budget: time steps after the compile and warm-up, then fix max_iters (in the warm-up,
-    # before the cosine decay starts, so the schedule runs over exactly the steps that fit)
+    # a time budget: time the steps after the compile and warm-up, fix max_iters in the warm-up
+    # (before the cosine decay starts), then fit it again at each evaluation to the pace since
     if max_minutes and budget_iters is None and iter_num == first_iter + 10:
-        budget_from = (iter_num, time.time())
-    if budget_from and iter_num == first_iter + min(max(warmup_iters, 20), 60):
-        step_seconds = (time.time() - budget_from[1]) / (iter_num - budget_from[0])
+        budget_from = (iter_num, time.time(), eval_total)
+    if budget_from and (iter_num == first_iter + min(max(warmup_iters, 20), 60)
+                        or budget_iters and iter_num % eval_interval == 0):
+        seconds = time.time() - budget_from[1] - (eval_total - budget_from[2])
+        step_seconds = seconds / (iter_num - budget_from[0])
         chosen = torch.tensor(fit_budget(time.time() - t_start, step_seconds, eval_seconds),
                               device=device)
         if ddp:
             dist.broadcast(chosen, 0)  # every rank runs rank 0's number of steps
         max_iters = budget_iters = int(chosen)
-        budget_from = None
+        budget_from = (iter_num, time.time(), eval_total)
         if master_process:
             print(f"time budget {max_minutes:g} min: {step_seconds * 1000:.0f} ms a step, "
                   f"{eval_seconds:.1f} s an evaluation -> max_iters = {max_iters}")
@@ -546,7 +545,8 @@ while True:
             if objective == 'consistency':
                 gap = consistency_gap[0] * (consistency_gap[1] / consistency_gap[0]) ** (
                     iter_num / max_iters)
-                loss = consistency_loss(model, x0, text, gap, beta_a, beta_b, p_uncond, teacher)
+                loss = consistency_loss(model, x0, text, gap, beta_a, beta_b, p_uncond, teacher,
+                                        teacher_cfg)
             else:
                 loss = training_loss(model, x0, text, beta_a, beta_b, p_uncond, cond=cond,
                                      weight=weight)

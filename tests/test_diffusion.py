@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_denoiser
-from diffusion import (MASK_MODES, GaussianData, add_noise, generate, guided_denoiser, make_mask,
+from bench import GaussianData
+from diffusion import (MASK_MODES, add_noise, generate, guided_denoiser, make_mask,
                        random_masks, sample_ddim, sample_dpmpp_2m, sigma_schedule, slerp,
                        training_loss)
 
@@ -208,7 +209,7 @@ def test_consistency_loss_is_zero_for_the_exactly_consistent_model():
         return mu.clone()
 
     torch.manual_seed(0)
-    for teacher in (None, ideal_denoiser):
+    for teacher in (None, ideal_denoiser):  # alone, and distilled at cfg 1
         assert consistency_loss(exact_f, mu, text, 0.3, teacher=teacher).item() < 1e-9
         assert consistency_loss(ideal_denoiser, mu, text, 0.3, teacher=teacher).item() > 1e-2
 
