@@ -1,23 +1,14 @@
 """
-nanoGPT's "poor man's configurator", with its traps fixed. Every script does
+nanoGPT's "poor man's configurator", with its traps fixed. A script's settings are its globals:
 
-    from configurator import configure
-    config = configure(globals(), sys.argv[1:])
+    config = configure(globals(), sys.argv[1:])   # python train.py config/tiny.py --n_layers=6
 
-and then reads its settings as plain module globals. The arguments are applied in order:
-
-    python train.py config/tiny.py --batch_size=64 --compile=False
-    python sample.py --prompt "a cute owl" "a red apple" --cfg 7 --n=4
-
-- `config/x.py` (a path, not starting with --) is executed; it may set any existing global.
-- `--key=value` and `--key value` both work. A value is parsed as a Python literal when it is one
-  (7, 3e-4, True, None, (32, 64)) and kept as a string otherwise ("a cute owl").
-- `--key v1 v2 ...` gives a list (a tuple or list setting); `--flag` alone sets a bool to True.
-- A `None` default accepts any value; an int is accepted for a float; anything else must match the
-  default's type. Floats must be finite. Unknown keys and wrong types are one-line errors.
-
-A library call with keyword arguments gets the same checks from settings(defaults, overrides).
-Scripts report bad input with fail(message): "error: message" on stderr, exit status 1.
+Arguments apply in order: a config/*.py file is executed and may set any existing global;
+--key=value or --key value is a Python literal where it parses as one (7, 3e-4, True, (32, 64))
+and text otherwise; --key v1 v2 gives a tuple or list setting several values; --flag alone is
+True. Types must match the default's (an int passes for a float; None takes anything), floats
+must be finite, and unknown keys are errors: one line each, through fail(message). A library call
+with keyword arguments gets the same checks from settings(defaults, overrides).
 """
 import ast
 import difflib
@@ -32,7 +23,7 @@ class ConfigError(ValueError):
 
 
 def fail(message):
-    """Bad input: one line, "error: <message>", on stderr and exit status 1 (a SystemExit)."""
+    """Bad input: "error: <message>" on stderr and exit status 1, no traceback."""
     raise SystemExit(f"error: {message}")
 
 

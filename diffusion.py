@@ -10,6 +10,8 @@ Samplers, with α = 1-σ, λ = log(α/σ), h = λ_next - λ:
   DDIM (sample_ddim):                 x_next = ((σ - σ_next)·D + σ_next·x) / σ
   DPM-Solver++(2M) (sample_dpmpp_2m): x_next = (σ_next/σ)·x + α_next·(1 - e^{-h})·D',
                                       D' = (1 + 1/2r)·D - (1/2r)·D_prev,  r = h_prev / h
+  consistency (sample_consistency):   x0 = f(x, σ), x_next = (1-σ_next)·x0 + σ_next·ε'
+Consistency tuning (consistency_loss): ‖f(x_t, t) - sg f(x_r, r)‖² / (t - r), r = (1 - gap)·t
 
     x = generate(model, text_emb, cfg=7, steps=15)   # (B, C, H, W) from pure noise
 """
@@ -92,11 +94,7 @@ def sigma_schedule(steps, sigma_max=1.0, rho=1.5):
 
 def _lambda(sigma):
     """Log signal-to-noise ratio λ = log((1-σ)/σ); -inf at σ=1 (pure noise), +inf at σ=0."""
-    if sigma <= 0:
-        return math.inf
-    if sigma >= 1:
-        return -math.inf
-    return math.log((1 - sigma) / sigma)
+    return math.inf if sigma <= 0 else -math.inf if sigma >= 1 else math.log((1 - sigma) / sigma)
 
 
 @torch.no_grad()
@@ -149,16 +147,12 @@ SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m, 'consistency': samp
 def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, noise=None,
              generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=1.5,
              cfg_min_sigma=0.0):
-    """Sample x0 for each text embedding (B, D_text), starting from x = σ_max·ε.
-    shape (C, H, W) defaults to the model's trained input; pass noise to fix it, or a
-    torch.Generator to make it reproducible.
-    cfg_min_sigma limits guidance to an interval (Kynkäänniemi et al. 2024): the steps from
-    σ > cfg_min_sigma are guided, the rest use the conditional model alone. By then the shape is
-    settled, and cond - uncond holds little but the model's small errors, which a scale g > 1
-    amplifies into visible artefacts.
-    Inpainting/outpainting (a model with cond_channels = C+1): known (B, C, H, W) is the clean
-    image, mask (B, 1, H, W) is 1 where to generate. The model sees both, and the known region of
-    every x0 prediction is replaced by the known image, so the output keeps it exactly."""
+    """Sample x0 for each text embedding (B, D_text) from x = σ_max·noise (shape (C, H, W)
+    defaults to the model's; a generator makes the noise reproducible). Guidance applies at
+    σ > cfg_min_sigma only (Kynkäänniemi et al. 2024): below, cond - uncond holds little but the
+    model's small errors, which g > 1 would amplify into artefacts. Outpainting (a model with
+    cond_channels = C+1): known (B, C, H, W) and mask (B, 1, H, W), 1 = generate; the known
+    region of every x0 prediction is the known image, so the output keeps it exactly."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}', expected one of {sorted(SAMPLERS)}")
     B = text_emb.shape[0]
@@ -237,25 +231,16 @@ def make_mask(mode, H, W, frac=0.5, box=None):
     """One (1, H, W) mask. 'left'/'right'/'up'/'down': generate that side (frac of the image);
     'border': keep the centre, generate a frame frac/2 wide on each side; 'box': generate
     box=(y0, x0, y1, x1)."""
-    m = torch.zeros(1, H, W)
     h, w = round(H * frac), round(W * frac)
-    if mode == 'left':
-        m[:, :, :w] = 1
-    elif mode == 'right':
-        m[:, :, W - w:] = 1
-    elif mode == 'up':
-        m[:, :h, :] = 1
-    elif mode == 'down':
-        m[:, H - h:, :] = 1
-    elif mode == 'border':
-        m[:] = 1
-        m[:, h // 2:H - h // 2, w // 2:W - w // 2] = 0
-    elif mode == 'box':
-        y0, x0, y1, x1 = box
-        m[:, y0:y1, x0:x1] = 1
-    else:
+    regions = {'left': (0, 0, H, w), 'right': (0, W - w, H, W), 'up': (0, 0, h, W),
+               'down': (H - h, 0, H, W), 'border': (h // 2, w // 2, H - h // 2, W - w // 2),
+               'box': box}  # (y0, x0, y1, x1)
+    if mode not in regions:
         raise ValueError(f"unknown mask mode '{mode}', expected one of {MASK_MODES}")
-    return m
+    y0, x0, y1, x1 = regions[mode]
+    m = torch.zeros(1, H, W)
+    m[:, y0:y1, x0:x1] = 1
+    return 1 - m if mode == 'border' else m  # the border: all but the centre
 
 
 def random_masks(B, H, W, generator=None):
