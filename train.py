@@ -73,7 +73,7 @@ beta_a = 1.0  # training noise levels σ ~ Beta(beta_a, beta_b)
 beta_b = 2.5
 p_uncond = 0.15  # how often the text is dropped to ∅ = 0, for classifier-free guidance
 objective = 'x0'  # 'x0': diffusion; 'consistency': tune a trained model to sample in a few steps
-consistency_gap = (0.5, 0.02)  # r = (1 - gap)·t, the gap shrinking geometrically over the run
+consistency_gap = (0.5, 0.02)  # r = (1 - gap)·t, the gap shrinking geometrically as the lr decays
 teacher_cfg = 0.0  # consistency: 0 tunes alone (ECT); > 0 distils the starting model guided at this
 #                    scale, so the tuned model needs no guidance (one forward a step)
 # AdamW optimizer
@@ -315,9 +315,11 @@ ema = copy.deepcopy(raw_model).requires_grad_(False).eval()  # fp32 EMA of the w
 if init_from == 'resume':
     ema.load_state_dict(ckpt['ema'])  # in place: the parameter lists below stay valid
 ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
-teacher = None  # consistency distillation: the frozen starting model
+teacher = None  # consistency distillation: the frozen starting model, saved for a resume
 if objective == 'consistency' and teacher_cfg:
     teacher = copy.deepcopy(raw_model).requires_grad_(False).eval()
+    if init_from == 'resume':
+        teacher.load_state_dict(ckpt['teacher'])
 resumed_at = iter_num if init_from == 'resume' else -1
 ckpt = None  # free the memory
 
@@ -393,6 +395,7 @@ def save_checkpoint():
             'budget_iters': budget_iters,
             'objective': objective,  # sample.py picks its sampler by it
             'baked_cfg': teacher_cfg,  # > 0: guidance is in the weights, sample with cfg 1
+            'teacher': None if teacher is None else teacher.state_dict(),
             'best_val_loss': best_val_loss,
             'config': config,
             'data_meta': meta,
@@ -543,8 +546,8 @@ while True:
             cond = masked_input(x0, weight)
         with ctx:
             if objective == 'consistency':
-                gap = consistency_gap[0] * (consistency_gap[1] / consistency_gap[0]) ** (
-                    iter_num / max_iters)
+                gap = consistency_gap[0] * (consistency_gap[1] / consistency_gap[0]) ** min(
+                    1, iter_num / (lr_decay_iters or max_iters))  # over the lr's horizon
                 loss = consistency_loss(model, x0, text, gap, beta_a, beta_b, p_uncond, teacher,
                                         teacher_cfg)
             else:

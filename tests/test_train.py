@@ -66,7 +66,7 @@ def test_train_loss_goes_down_and_writes_sample_grids(tiny_run):
     ckpt = load_ckpt(out)
     assert set(ckpt) == {'model', 'ema', 'optimizer', 'scaler', 'model_args', 'iter_num',
                          'budget_iters', 'best_val_loss', 'config', 'data_meta', 'rng',
-                         'data_state', 'objective', 'baked_cfg'}
+                         'data_state', 'objective', 'baked_cfg', 'teacher'}
     assert ckpt['objective'] == 'x0' and ckpt['baked_cfg'] == 0
     assert ckpt['iter_num'] == 40 and ckpt['best_val_loss'] == pytest.approx(min(val), abs=1e-4)
     assert ckpt['data_state'] == {'epoch': 8, 'pos': 0, 'n_train': 40}  # 8 epochs of 40
@@ -401,3 +401,22 @@ def test_fit_budget_spends_what_is_left_on_steps_and_evaluations():
     # 60 s - 10 s elapsed - 2 s for the last evaluation = 48 s at 0.25 s + 2 s / 8 a step
     assert fit(10.0, 0.25, 2.0) == 50 + 96
     assert fit(70.0, 0.25, 2.0) == 51  # over budget already: one more step, then the end
+
+
+def test_consistency_tuning_resumes_exactly_and_keeps_its_teacher(tmp_path, tiny_run):
+    """Distillation from a trained checkpoint: 4 steps straight, or 2, a resume and 2 more, give
+    the same weights bitwise; the frozen teacher is the starting model's EMA and stays so."""
+    _, base, _ = tiny_run
+    args = [f'--init_from={base}', '--objective=consistency', '--teacher_cfg=3.0', '--p_uncond=0',
+            '--max_iters=4', '--lr_decay_iters=4', '--sample_steps=2']
+    train(write_prepared(tmp_path / 'data'), tmp_path / 'a', *args)
+    data = write_prepared(tmp_path / 'data2')
+    train(data, tmp_path / 'b', *args[:-2], '--max_iters=2', '--lr_decay_iters=4',
+          '--sample_steps=2')
+    train(data, tmp_path / 'b', *args[1:], '--init_from=resume')  # the same settings, resumed
+    a, b, start = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b'), load_ckpt(base)
+    for key in ('model', 'ema', 'teacher'):
+        assert_same_state(a[key], b[key])
+    assert_same_state(a['teacher'], start['ema'])
+    assert a['objective'] == 'consistency' and a['baked_cfg'] == 3.0
+    assert not torch.equal(a['model']['patch_out.weight'], start['ema']['patch_out.weight'])
