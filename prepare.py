@@ -30,9 +30,8 @@ import shutil
 import sys
 import tarfile
 import time
-from collections import Counter, deque, namedtuple
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -93,20 +92,44 @@ def write_json(path, obj):
 
 # ----- reading the output -----
 
-@dataclass
 class Prepared:
-    """A prepared dataset: .npy memmaps and meta.json; heldout_* None where it has no such split."""
-    data_dir: str
-    meta: dict
-    latents: np.ndarray  # (N, C, H, W) unscaled latents, float16 (or uint8, see to_tensor)
-    text_emb: np.ndarray  # (N, D) float16
-    val_latents: np.ndarray
-    val_text_emb: np.ndarray
-    heldout_latents: np.ndarray = None
-    heldout_text_emb: np.ndarray = None
+    """A prepare.py output dir, opened for reading: .meta, and per split (prefix '', val_,
+    heldout_; heldout_* None without one) the memmaps latents (N, C, H, W), unscaled, and
+    text_emb (N, D), and the captions, read on first use. A missing or inconsistent file, an empty
+    split or a NaN or inf in a sample of the rows is a one-line error naming the file."""
     captions = functools.cached_property(lambda self: self._captions(''))
     val_captions = functools.cached_property(lambda self: self._captions('val_'))
     heldout_captions = functools.cached_property(lambda self: self._captions('heldout_'))
+
+    def __init__(self, data_dir):
+        self.data_dir, self.heldout_latents, self.heldout_text_emb = data_dir, None, None
+        meta_path = os.path.join(data_dir, 'meta.json')
+        if not os.path.isdir(data_dir):
+            fail(f"{data_dir}: no such directory (make it with: python prepare.py --source=emoji)")
+        if os.path.isfile(os.path.join(data_dir, 'progress.json')):
+            fail(f"{data_dir}: an unfinished prepare.py run; run the same command again to finish")
+        try:
+            self.meta = meta = json.load(open(meta_path, encoding='utf-8'))
+        except (OSError, ValueError) as e:
+            fail(f"{meta_path}: cannot read ({e}): {data_dir} is not a prepare.py output")
+        for split, (prefix, key) in SPLITS.items():
+            if split == 'heldout' and key not in meta:
+                continue  # only the emoji set has held-out captions
+            if not (n := meta.get(key)):
+                fail(f"{meta_path}: the {split} split is empty ({key}={n}): prepare more data")
+            for name, shape in (('latents', meta.get('latent_shape') or ()),
+                                ('text_emb', [meta.get('text_dim')])):
+                path = os.path.join(data_dir, f'{prefix}{name}.npy')
+                try:
+                    a = np.load(path, mmap_mode='r')
+                except (OSError, ValueError) as e:
+                    fail(f"{path}: cannot read ({e})")
+                if a.shape != (n, *shape):
+                    fail(f"{path}: shape {a.shape}, expected {(n, *shape)} (from meta.json)")
+                rows = np.linspace(0, n - 1, min(n, 64)).astype(int)  # a sample, evenly spread
+                if len(bad := rows[~np.isfinite(a[rows].reshape(len(rows), -1)).all(1)]):
+                    fail(f"{path}: row {bad[0]} holds NaN or inf: the file is broken")
+                setattr(self, prefix + name, a)
 
     def _captions(self, prefix):
         if (rows := getattr(self, prefix + 'latents')) is None:
@@ -121,14 +144,15 @@ class Prepared:
         return captions
 
     def to_tensor(self, rows, device='cpu'):
-        """Rows of latents or text_emb (np array) -> float32 tensor on device, uint8 latents
-        de-quantized. The latents stay unscaled: train.py multiplies them by the scale_factor."""
+        """Rows of latents or text_emb -> float32 on device, uint8 latents de-quantized."""
         rows = np.asarray(rows)
-        # a memmap view is read-only
-        rows = np.ascontiguousarray(rows) if rows.flags.writeable else rows.copy()
+        rows = rows if rows.flags.writeable else rows.copy()  # a memmap view is read-only
         x = torch.from_numpy(rows).to(device).float()  # move the small dtype, convert there
         q = self.meta.get('quantization') if rows.dtype == np.uint8 else None
         return x if q is None else x * q['scale'] + q['offset']
+
+
+load_prepared = Prepared  # data = load_prepared('data/prepared/emoji32')
 
 
 def latent_norm(meta):
@@ -136,39 +160,6 @@ def latent_norm(meta):
     roughly unit-variance input. A codec's own scale_factor, or per channel as measured here."""
     return tuple(torch.tensor(meta.get(k, v), dtype=torch.float32).reshape(-1, 1, 1)
                  for k, v in (('latent_shift', 0.0), ('scale_factor', 1.0)))
-
-
-def load_prepared(data_dir):
-    """Open a prepare.py output dir for reading. A missing or inconsistent file, an empty split or
-    a NaN or inf in a sample of the rows is a one-line error naming the file."""
-    meta_path, arrays = os.path.join(data_dir, 'meta.json'), {}
-    if not os.path.isdir(data_dir):
-        fail(f"{data_dir}: no such directory (make it with: python prepare.py --source=emoji)")
-    if os.path.isfile(os.path.join(data_dir, 'progress.json')):
-        fail(f"{data_dir}: an unfinished prepare.py run; run the same command again to finish it")
-    try:
-        meta = json.load(open(meta_path, encoding='utf-8'))
-    except (OSError, ValueError) as e:
-        fail(f"{meta_path}: cannot read ({e}): {data_dir} is not a prepare.py output")
-    for split, (prefix, key) in SPLITS.items():
-        if split == 'heldout' and key not in meta:
-            continue  # only the emoji set has held-out captions
-        if not (n := meta.get(key)):
-            fail(f"{meta_path}: the {split} split is empty ({key}={n}); prepare the data again "
-                 f"with more usable items")
-        for name, shape in (('latents', meta.get('latent_shape') or ()),
-                            ('text_emb', [meta.get('text_dim')])):
-            path = os.path.join(data_dir, f'{prefix}{name}.npy')
-            try:
-                a = arrays[prefix + name] = np.load(path, mmap_mode='r')
-            except (OSError, ValueError) as e:
-                fail(f"{path}: cannot read ({e})")
-            if a.shape != (n, *shape):
-                fail(f"{path}: shape {a.shape}, expected {(n, *shape)} (from meta.json)")
-            rows = np.linspace(0, n - 1, min(n, 64)).astype(int)  # a cheap sample, evenly spread
-            if len(bad := rows[~np.isfinite(a[rows].reshape(len(rows), -1)).all(1)]):
-                fail(f"{path}: row {bad[0]} holds NaN or inf: the file is broken, prepare it again")
-    return Prepared(data_dir, meta, **arrays)
 
 
 def incompatibility(ckpt_meta, data, strict=True):
@@ -181,26 +172,24 @@ def incompatibility(ckpt_meta, data, strict=True):
     return None
 
 
-# ----- the sources: items in a fixed order, so that a killed run resumes at any index -----
+# ----- the sources: source(c) -> (items, n_items, skipped). items: (key, load) in the same order
+# each time, so that a rerun resumes at any index; load() -> (image (S, S, 3) uint8, {split:
+# [captions]}), or raises Skip; skipped: (key, reason) known before any image is read.
 
 class Skip(Exception):
     """An item that is skipped and counted: undecodable, too small, no caption, not downloaded."""
 
 
-# items(start): (key, load) from item start on, in the same order each time; load() -> (image
-# (S, S, 3) uint8, {split: [captions]}), where a split other than train holds out captions (the
-# emoji set's); skipped: (key, reason) found before any image is read
-Source = namedtuple('Source', 'n_items items skipped')
-
-
 def read_image(f, size, min_size):
-    """An image file (path or file object) -> (size, size, 3) uint8 RGB: transparency onto white,
-    the shorter side resized to size, a center crop. Raises Skip for what cannot be used."""
+    """An image file (path or file object) -> (H, W, 3) uint8 RGB for size (H, W) or S (S x S):
+    transparency onto white, scaled to cover, a centre crop. Raises Skip for what cannot be used."""
+    H, W = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(f) as im:
             w, h = im.size
             if min(w, h) >= min_size:
-                im.draft('RGB', (-(-w * size // min(w, h)), -(-h * size // min(w, h))))  # JPEG
+                s = max(H, W)  # a JPEG is decoded at the smallest scale that covers s x s
+                im.draft('RGB', (-(-w * s // min(w, h)), -(-h * s // min(w, h))))
                 im = ImageOps.exif_transpose(im)  # phone photos are stored sideways with a tag
                 if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
                     im = Image.alpha_composite(Image.new('RGBA', im.size, 'white'),
@@ -210,14 +199,7 @@ def read_image(f, size, min_size):
         raise Skip(f"cannot decode ({type(e).__name__}: {str(e)[:120]})") from None
     if min(w, h) < min_size:
         raise Skip(f"too small ({w}x{h}, shorter side < {min_size})")
-    scale = size / min(im.size)
-    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(im.resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size)))
-
-
-def clean(caption):
-    return ' '.join(str(caption).split())  # newlines and runs of spaces -> one space
+    return np.asarray(ImageOps.fit(im, (W, H), Image.BICUBIC))
 
 
 def emoji_source(c):
@@ -232,19 +214,24 @@ def emoji_source(c):
     atlas = np.asarray(Image.open(atlas_path).convert('RGB'))  # (rows·S, cols·S, 3)
     rows, cols, n = atlas.shape[0] // S, atlas.shape[1] // S, len(entries)
     if atlas.shape[:2] != (rows * S, cols * S) or not n <= rows * cols < n + cols:
-        fail(f"{atlas_path} ({atlas.shape[1]}x{atlas.shape[0]} px) is not an atlas of the {n} "
-             f"emoji in {index} at {S} px: render both again with data/emoji/build.py")
+        fail(f"{atlas_path} is not an atlas of the {n} emoji in {index}: run data/emoji/build.py")
     tiles = atlas.reshape(rows, S, cols, S, 3).swapaxes(1, 2).reshape(-1, S, S, 3)  # (K, S, S, 3)
-    items = [(e['emoji'], functools.partial(tuple, (tiles[e['index']], dict(  # load: a tuple
-        train=e['captions'], val=e['val_captions'], heldout=e['heldout_captions']))))
-        for e in entries[:c.limit or None]]
-    return Source(len(items), lambda start: iter(items[start:]), [])
+    load = lambda e: (tiles[e['index']], dict(train=e['captions'], val=e['val_captions'],
+                                              heldout=e['heldout_captions']))
+    return [(e['emoji'], functools.partial(load, e)) for e in entries], n, []
 
 
-def is_val(i, n_items, n_val):
-    """Item k of the n_val held out is the middle one of the k-th of n_val equal stretches."""
-    k = i * n_val // max(n_items, 1)
-    return n_val > 0 and (2 * k + 1) * n_items // (2 * n_val) == i
+def _load(image, captions, size, min_size):
+    """A folder or wds item's load(), in a loader thread: the captions (None: the image path's
+    same-named .txt) cleaned, then the image read if a caption is left."""
+    if captions is None:
+        txt = os.path.splitext(image)[0] + '.txt'
+        captions = [open(txt, encoding='utf-8', errors='replace').read()] \
+            if os.path.isfile(txt) else []
+    captions = [' '.join(str(x).split()) for x in captions]  # newlines, runs of spaces -> a space
+    if not any(captions):
+        raise Skip('empty caption')
+    return read_image(image, size, min_size), dict(train=[x for x in captions if x])
 
 
 def _caption_table(root, caption_col):
@@ -271,38 +258,32 @@ def _caption_table(root, caption_col):
     return table
 
 
-def _load(image, captions, size, min_size):
-    """An item's load(): not decoded without a caption. captions None: the image path's
-    same-named .txt, read here in the loader threads."""
-    if captions is None:
-        txt = os.path.splitext(image)[0] + '.txt'
-        captions = [open(txt, encoding='utf-8', errors='replace').read()] \
-            if os.path.isfile(txt) else []
-    if not any(clean(cap) for cap in captions):
-        return None, {}
-    return read_image(image, size, min_size), dict(train=captions)
-
-
 def folder_source(c):
-    if not c.input or not os.path.isdir(c.input):
+    if not os.path.isdir(c.input):
         fail(f"--input={c.input}: no such directory" if c.input else
              "--source=folder needs --input=DIR, a directory of images")
     files = sorted(os.path.relpath(os.path.join(d, f), c.input) for d, _, names in
                    os.walk(c.input) for f in names if f.rsplit('.', 1)[-1].lower() in IMAGE_EXTS)
     table = _caption_table(c.input, c.caption_col)
-    skipped = [] if table is None else [  # listed but not there
-        (f, 'missing file') for f in table if not os.path.isfile(os.path.join(c.input, f))]
-    items = [(f, functools.partial(_load, os.path.join(c.input, f), None if table is None else
-                                   table.get(os.path.normpath(f), []), c.image_size,
-                                   c.min_image_size)) for f in files[:c.limit or None]]
-    return Source(len(items), lambda start: iter(items[start:]), skipped)
+    skipped = [(f, 'missing file') for f in table or ()  # listed but not there
+               if not os.path.isfile(os.path.join(c.input, f))]
+    captions = lambda f: None if table is None else table.get(os.path.normpath(f), [])
+    return [(f, functools.partial(_load, os.path.join(c.input, f), captions(f), c.image_size,
+                                  c.min_image_size)) for f in files], len(files), skipped
 
 
-def _count_samples(shards):
-    """Samples in the shards, from the tar headers alone (no image is read), grouped by key the way
-    webdataset groups them: an upper bound, for the progress bar and the validation items."""
+def wds_source(c, spec=None, skipped=()):
+    import webdataset as wds
+    from braceexpand import braceexpand  # a dependency of webdataset
     from webdataset.tariterators import base_plus_ext
-    n = 0
+    if not (spec := spec or c.input):
+        fail("--source=wds needs --input: a .tar, a dir of them or a pattern 'a/{000..009}.tar'")
+    shards = sorted(glob.glob(os.path.join(spec, '*.tar'))) if os.path.isdir(spec) else \
+        list(braceexpand(spec))
+    if not shards or (missing := [s for s in shards if not os.path.isfile(s)]):
+        fail(f"--input={spec}: no such file {missing[0]} ({len(missing)} missing)" if shards
+             else f"--input={spec}: no .tar shards in this directory")
+    n = 0  # samples, from the tar headers as webdataset groups them: an upper bound
     for shard in shards:
         try:
             with tarfile.open(shard) as tar:  # header by header, seeking over the data
@@ -311,148 +292,81 @@ def _count_samples(shards):
                 n += sum(1 for key, _ in itertools.groupby(keys) if key is not None)
         except (tarfile.TarError, OSError) as e:
             print(f"warning: {shard}: {e}; reading what can be read")
-    return n
 
-
-def _load_sample(sample, size, min_size):
-    """A webdataset sample's load(): its caption is its .txt, or its .json's caption or text."""
-    try:
-        meta = {} if 'txt' in sample or 'json' not in sample else json.loads(sample['json'])
-        caption = sample['txt'].decode('utf-8', errors='replace') if 'txt' in sample else \
-            meta.get('caption') or meta.get('text') or ''
-    except (ValueError, AttributeError):
-        raise Skip("bad .json caption") from None
-    if (ext := next((k for k in sample if k in IMAGE_EXTS), None)) is None:
-        raise Skip(f"no image in sample (has {sorted(k for k in sample if k[:2] != '__')})")
-    return _load(io.BytesIO(sample[ext]), [caption], size, min_size)
-
-
-def wds_source(c, spec=None, skipped=()):
-    import webdataset as wds
-    from braceexpand import braceexpand  # a dependency of webdataset
-    if not (spec := spec or c.input):
-        fail("--source=wds needs --input: a .tar, a directory of them or a pattern like "
-             "'shards/{00000..00009}.tar'")
-    shards = sorted(glob.glob(os.path.join(spec, '*.tar'))) if os.path.isdir(spec) else \
-        list(braceexpand(spec))
-    if not shards or (missing := [s for s in shards if not os.path.isfile(s)]):
-        fail(f"--input={spec}: no such file {missing[0]} ({len(missing)} missing)" if shards
-             else f"--input={spec}: no .tar shards in this directory")
-    n_items = min(_count_samples(shards), c.limit or sys.maxsize)
-
-    def items(start):
-        ds = wds.WebDataset(shards, shardshuffle=False, handler=wds.warn_and_continue,
-                            empty_check=False)
-        for sample in itertools.islice(ds, start, n_items):
-            key = f"{os.path.basename(sample.get('__url__', ''))}/{sample['__key__']}"
-            yield key, functools.partial(_load_sample, sample, c.image_size, c.min_image_size)
-    return Source(n_items, items, list(skipped))
-
-
-def _download(c, path, fmt, shards):
-    """img2dataset: the list -> resized, center-cropped webdataset shards; the failed urls."""
-    try:
-        from img2dataset import download
-    except ImportError:
-        fail("--source=urls needs img2dataset (pip install -r requirements.txt)")
-    import pyarrow.parquet as pq  # a dependency of img2dataset
-    os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations would ask PyPI
-    os.makedirs(shards, exist_ok=True)
-    download(url_list=path, output_folder=shards, input_format=fmt, url_col=c.url_col,
-             caption_col=c.caption_col, output_format='webdataset', image_size=c.image_size,
-             resize_mode='center_crop', min_image_size=c.min_image_size,
-             processes_count=c.download_processes, thread_count=c.download_threads,
-             number_sample_per_shard=10_000, enable_wandb=False)
-    failed = []  # beside each shard a parquet has every url's status
-    for p in sorted(glob.glob(os.path.join(shards, '*.parquet'))):
-        t = pq.read_table(p, columns=['url', 'status', 'error_message']).to_pylist()
-        failed += [(r['url'], f"download failed ({r['error_message']})") for r in t
-                   if r['status'] != 'success']
-    return failed
+    def load(sample):  # the caption: its .txt, or its .json's caption or text
+        try:
+            meta = {} if 'txt' in sample or 'json' not in sample else json.loads(sample['json'])
+            caption = sample['txt'].decode('utf-8', errors='replace') if 'txt' in sample else \
+                meta.get('caption') or meta.get('text') or ''
+        except (ValueError, AttributeError):
+            raise Skip("bad .json caption") from None
+        if (ext := next((k for k in sample if k in IMAGE_EXTS), None)) is None:
+            raise Skip(f"no image in sample (has {sorted(k for k in sample if k[:2] != '__')})")
+        return _load(io.BytesIO(sample[ext]), [caption], c.image_size, c.min_image_size)
+    ds = wds.WebDataset(shards, shardshuffle=False, handler=wds.warn_and_continue,
+                        empty_check=False)  # read lazily: a resumed run skips to its item
+    return ((f"{os.path.basename(s.get('__url__', ''))}/{s['__key__']}",
+             functools.partial(load, s)) for s in ds), n, list(skipped)
 
 
 def urls_source(c):
-    """Download the images into out_dir/shards, then read those; failed downloads are skipped."""
+    """img2dataset downloads the list into out_dir/shards, read then as --source=wds (a resumed run
+    reads those it downloaded); failed downloads are skipped."""
     path, fmt = c.input, c.input.rsplit('.', 1)[-1].lower()
-    if not path or not os.path.isfile(path) or fmt not in ('parquet', 'csv', 'tsv', 'jsonl'):
+    if not os.path.isfile(path) or fmt not in ('parquet', 'csv', 'tsv', 'jsonl'):
         fail(f"--input={path}: " + ("no such file" if path and not os.path.isfile(path) else
                                     "expected a .parquet, .csv, .tsv or .jsonl list of urls"))
-    if fmt == 'parquet':
+    try:
         import pyarrow.parquet as pq
-        columns = pq.read_schema(path).names
-    else:
-        with open(path, newline='', encoding='utf-8') as f:
-            columns = list(json.loads(f.readline() or '{}')) if fmt == 'jsonl' else \
-                next(csv.reader(f, delimiter='\t' if fmt == 'tsv' else ','), [])
+        from img2dataset import download
+    except ImportError:
+        fail("--source=urls needs img2dataset (pip install -r requirements.txt)")
+    with open(path, newline='', encoding='utf-8') as f:
+        columns = pq.read_schema(path).names if fmt == 'parquet' else \
+            list(json.loads(f.readline() or '{}')) if fmt == 'jsonl' else \
+            next(csv.reader(f, delimiter='\t' if fmt == 'tsv' else ','), [])
     for key in ('url_col', 'caption_col'):
         if getattr(c, key) not in columns:
             fail(f"{path}: no column '{getattr(c, key)}' (has {columns}); set --{key}")
-    shards = os.path.join(c.out_dir, 'shards')
-    marker = os.path.join(shards, 'download.json')
-    wanted = dict(input=os.path.abspath(path), image_size=c.image_size,
-                  min_image_size=c.min_image_size, url_col=c.url_col, caption_col=c.caption_col)
-    done = json.load(open(marker, encoding='utf-8')) if os.path.isfile(marker) else {}
-    if done.get('settings') != wanted:
-        shutil.rmtree(shards, ignore_errors=True)  # shards of another list or size
-        done = dict(settings=wanted, failed=_download(c, path, fmt, shards))
-        write_json(marker, done)
-    return wds_source(c, shards, [tuple(x) for x in done['failed']])
+    shards, failed = os.path.join(c.out_dir, 'shards'), []
+    if not os.path.isfile(os.path.join(c.out_dir, 'progress.json')):  # a new run
+        shutil.rmtree(shards, ignore_errors=True)
+        os.makedirs(shards)
+        os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations would ask PyPI
+        download(url_list=path, output_folder=shards, input_format=fmt, url_col=c.url_col,
+                 caption_col=c.caption_col, output_format='webdataset', image_size=c.image_size,
+                 resize_mode='center_crop', min_image_size=c.min_image_size,
+                 processes_count=c.download_processes, thread_count=c.download_threads,
+                 number_sample_per_shard=10_000, enable_wandb=False)
+        for p in sorted(glob.glob(os.path.join(shards, '*.parquet'))):  # every url's status
+            rows = pq.read_table(p, columns=['url', 'status', 'error_message']).to_pylist()
+            failed += [(r['url'], f"download failed ({r['error_message']})") for r in rows
+                       if r['status'] != 'success']
+    return wds_source(c, shards, failed)
 
 
 # ----- writing, resumably -----
 
-def previous_run(data_dir, signature, overwrite=False):
-    """The state of an interrupted run (progress.json), the meta.json of a finished one, or None,
-    when there is neither or overwrite is set: then the old outputs are removed. A run with other
-    settings is an error."""
-    progress, meta = (os.path.join(data_dir, f) for f in ('progress.json', 'meta.json'))
-    path = progress if os.path.isfile(progress) else meta if os.path.isfile(meta) else None
-    previous = None if overwrite or path is None else json.load(open(path, encoding='utf-8'))
-    if previous is not None and previous.get('settings') != signature:
-        old = previous.get('settings') or {}
-        diff = ', '.join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in signature.items()
-                         if old.get(k) != v)
-        fail(f"{data_dir} holds a run with other settings ({diff}): pass --overwrite=True to "
-             f"replace it, or another --out_dir")
-    outputs = ['meta.json', 'progress.json', 'skipped.jsonl'] + [
-        prefix + f for prefix, _ in SPLITS.values() for f in ARRAYS]
-    for f in outputs if previous is None else []:
-        if os.path.exists(os.path.join(data_dir, f)):
-            os.remove(os.path.join(data_dir, f))
-    return previous
-
-
 class Writer:
-    """An output dir being written, each file appended to: per split its ARRAYS, and skipped.jsonl.
-    checkpoint() after each batch saves the run's state with each file's length to progress.json;
-    a rerun passes that state back and cuts each file there, so what a killed run wrote past it is
-    written again. finish() writes the row counts into the .npy headers."""
+    """The output files, each appended to. checkpoint() saves the run's state with each file's
+    length to progress.json; a rerun cuts each file there, so what a killed run wrote past it is
+    written again. finish() writes the .npy headers, then meta.json."""
 
     def __init__(self, out_dir, state, latent_shape, latent_dtype, text_dim):
         self.out_dir, self.state, self.skip_counts = out_dir, state, Counter(state['skip_counts'])
         self.row = {'latents.npy': (np.dtype(latent_dtype), latent_shape),  # dtype and shape
                     'text_emb.npy': (np.dtype('float16'), (text_dim,))}
-        self.files = {(s, f): self._open(SPLITS[s][0] + f, f) for s in state['rows']
-                      for f in ARRAYS}
-        self.files[None, 'skipped.jsonl'] = self._open('skipped.jsonl', None)
-
-    def _open(self, name, kind):
-        nbytes = self.state['bytes'].get(name, 0)  # its length at the last checkpoint
-        try:
-            f = open(os.path.join(self.out_dir, name), 'r+b' if nbytes else 'wb')
-        except OSError as e:
-            fail(f"cannot resume: {e}; pass --overwrite=True to start over")
-        f.truncate(nbytes)
-        f.seek(nbytes)
-        f.write(self._header(kind, 0) if kind in self.row and not nbytes else b'')
-        return f
-
-    def _header(self, kind, n):
-        """A .npy header for n rows, 128 bytes whatever n, so finish() can write n in place."""
-        dt, shape = self.row[kind]
-        d = dict(descr=np.lib.format.dtype_to_descr(dt), fortran_order=False, shape=(n, *shape))
-        return np.lib.format.magic(1, 0) + (118).to_bytes(2, 'little') + \
-            repr(d).ljust(117).encode() + b'\n'  # magic and version, length, the dict
+        self.files = {(s, f): SPLITS[s][0] + f for s in state['rows'] for f in ARRAYS}
+        self.files[None, 'skipped.jsonl'] = 'skipped.jsonl'
+        for key, name in self.files.items():
+            nbytes = state['bytes'].get(name, 0)  # its length at the last checkpoint
+            try:
+                f = self.files[key] = open(os.path.join(out_dir, name), 'r+b' if nbytes else 'wb')
+            except OSError as e:
+                fail(f"cannot resume: {e}; pass --overwrite=True to start over")
+            f.truncate(nbytes)
+            f.seek(nbytes)
+            f.write(b' ' * 128 if key[1] in self.row and not nbytes else b'')  # the header's place
 
     def write(self, split, latents, text_emb, records):
         """Rows: (R, C, H, W) latents, (R, D) text embeddings, R {caption, key} records."""
@@ -479,20 +393,22 @@ class Writer:
         write_json(os.path.join(self.out_dir, 'progress.json'), self.state)
 
     def finish(self, meta):
-        """The row counts into the .npy headers, then meta.json: it marks the run finished."""
         for (split, kind), f in self.files.items():
-            if kind in self.row:
+            if kind in self.row:  # a version 1.0 header of 128 bytes: magic, length, the dict
+                dt, shape = self.row[kind]
+                d = dict(descr=np.lib.format.dtype_to_descr(dt), fortran_order=False,
+                         shape=(self.state['rows'][split], *shape))
                 f.seek(0)
-                f.write(self._header(kind, self.state['rows'][split]))
+                f.write(np.lib.format.magic(1, 0) + (118).to_bytes(2, 'little') +
+                        repr(d).ljust(117).encode() + b'\n')
             f.close()
-        write_json(os.path.join(self.out_dir, 'meta.json'), meta)
+        write_json(os.path.join(self.out_dir, 'meta.json'), meta)  # it marks the run finished
         os.remove(os.path.join(self.out_dir, 'progress.json'))
 
 
 def quantize(z, q, pixel_space):
-    """float latents -> (uint8 codes, q): z ≈ codes·q['scale'] + q['offset'] (Prepared.to_tensor
-    undoes it). q None: the scale is fixed by this batch, half its range spare on each side (for
-    pixels exact: [-1, 1]); clipped codes are counted in q['clipped']."""
+    """float latents -> (uint8 codes, q): z ≈ codes·q['scale'] + q['offset']. q None: the range is
+    this batch's with half of it spare on each side (pixels: [-1, 1], exact); clips are counted."""
     if q is None:
         lo, hi = (-1.0, 1.0) if pixel_space else (float(z.min()), float(z.max()))
         q = dict(scale=2 / 255, offset=-1.0, clipped=0) if pixel_space \
@@ -527,59 +443,52 @@ def _settings(overrides):
     return c
 
 
-def _batches(pool, iterator, n, depth=2):
-    """Yield (items, results) n items at a time, loading `depth` batches ahead in threads so
-    decoding overlaps encoding. A result is (image, captions), or the Skip its loader raised."""
-    def load(item):
-        try:
-            return item[1]()
-        except Skip as e:
-            return e
-    pending = deque()
-    while True:
-        if batch := list(itertools.islice(iterator, n)):
-            pending.append((batch, [pool.submit(load, it) for it in batch]))
-        if not pending:
-            return
-        if len(pending) > depth or not batch:  # at the end: what is left, in order
-            items, futures = pending.popleft()
-            yield items, [f.result() for f in futures]
-
-
-def _rows(c, items, results, n_items, writer):
+def _rows(c, items, futures, n_items, writer):
     """A batch's usable images and {split: [(image index, caption, key)]}. A validation item that
     is skipped passes its place on to the next usable one, so that validation is never empty."""
-    images, rows, state = [], {name: [] for name in writer.state['rows']}, writer.state
+    images, rows, state = [], {split: [] for split in writer.state['rows']}, writer.state
     n_val = 0 if c.source == 'emoji' else min(c.val_count, max(n_items // 10, 1))
-    for i, ((key, _), result) in enumerate(zip(items, results)):
-        val = is_val(state['items_done'] + i, n_items, n_val)
-        skip = str(result) if isinstance(result, Skip) else None
-        caps = {} if skip else {k: [x for x in map(clean, v) if x] for k, v in result[1].items()}
-        if not skip and not any(caps.values()):
-            if c.empty_caption == 'error':
+    for i, ((key, _), future) in enumerate(zip(items, futures), state['items_done']):
+        k = i * n_val // n_items  # held out: the middle item of the k-th of n_val equal stretches
+        val = n_val > 0 and (2 * k + 1) * n_items // (2 * n_val) == i
+        try:
+            image, captions = future.result()
+        except Skip as e:
+            if str(e) == 'empty caption' and c.empty_caption == 'error':
                 fail(f"{key}: empty caption (--empty_caption=skip skips such items)")
-            skip = 'empty caption'
-        if skip:
-            writer.skip(key, skip)
+            writer.skip(key, str(e))
             state['val_owed'] += val
             continue
         if val or state['val_owed']:
             state['val_owed'] -= not val
-            caps = dict(val=caps['train'])  # held out whole
-        for name, captions in caps.items():
-            rows[name] += [(len(images), x, key) for x in captions]
-        images.append(result[0])
+            captions = dict(val=captions['train'])  # held out whole
+        for split, caps in captions.items():
+            rows[split] += [(len(images), cap, key) for cap in caps]
+        images.append(image)
     return images, rows
 
 
-def _encode(c, src, writer, text, codec):
+def _batches(pool, items, n, depth=2):
+    """(items, futures of their load()) n items at a time, `depth` batches loading ahead in the
+    threads, so that decoding overlaps encoding."""
+    pending = deque()
+    while True:
+        if batch := list(itertools.islice(items, n)):
+            pending.append((batch, [pool.submit(load) for _, load in batch]))
+        if not pending:
+            return
+        if len(pending) > depth or not batch:  # at the end: what is left, in order
+            yield pending.popleft()
+
+
+def _encode(c, items, n_items, writer, text, codec):
     """Encode the items batch by batch from the last checkpoint on; each batch is a checkpoint."""
     state, t_run = writer.state, time.time()
-    bar = tqdm(total=src.n_items, initial=state['items_done'], unit='img', smoothing=0.05,
-               dynamic_ncols=True)
-    with ThreadPoolExecutor(c.num_workers) as pool:
-        for items, results in _batches(pool, src.items(state['items_done']), c.batch_size):
-            images, rows = _rows(c, items, results, src.n_items, writer)
+    items = itertools.islice(items, state['items_done'], n_items)
+    with ThreadPoolExecutor(c.num_workers) as pool, tqdm(
+            total=n_items, initial=state['items_done'], unit='img', dynamic_ncols=True) as bar:
+        for batch, futures in _batches(pool, items, c.batch_size):
+            images, rows = _rows(c, batch, futures, n_items, writer)
             if images:
                 x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1  # (B,3,S,S)
                 z = codec.encode(x).cpu().numpy()  # (B, C, h, w), unscaled
@@ -588,17 +497,16 @@ def _encode(c, src, writer, text, codec):
                 state['moments'] = (m + np.array(state['moments'] or 0)).tolist()
                 if c.latent_dtype == 'uint8':
                     z, state['quantization'] = quantize(z, state['quantization'], c.vae == 'none')
-                for name, r in rows.items():
+                for split, r in rows.items():
                     emb = text([cap for _, cap, _ in r]).cpu().numpy()  # (R, D)
-                    writer.write(name, z[[j for j, _, _ in r]], emb,
+                    writer.write(split, z[[j for j, _, _ in r]], emb,
                                  [dict(caption=cap, key=key) for _, cap, key in r])
-            state['items_done'] += len(items)
+            state['items_done'] += len(batch)
             writer.checkpoint(seconds=state['seconds'] + time.time() - t_run)
             t_run = time.time()
-            bar.update(len(items))
+            bar.update(len(batch))
             bar.set_postfix(rows=state['rows']['train'], val=state['rows']['val'],
                             skipped=sum(writer.skip_counts.values()))
-    bar.close()
 
 
 def prepare(**overrides):
@@ -607,42 +515,52 @@ def prepare(**overrides):
     t_start, c = time.time(), _settings(overrides)
     signature = {k: getattr(c, k) for k in SIGNATURE}
     signature['input'] = os.path.abspath(c.input) if c.input and '{' not in c.input else c.input
-    previous = previous_run(c.out_dir, signature, c.overwrite)
+    # an interrupted run (progress.json) resumes, a finished one (meta.json) is done
+    path = next((p for p in (os.path.join(c.out_dir, f) for f in ('progress.json', 'meta.json'))
+                 if os.path.isfile(p)), None)
+    previous = None if c.overwrite or path is None else json.load(open(path, encoding='utf-8'))
+    if previous is not None and previous.get('settings') != signature:
+        old = previous.get('settings') or {}
+        diff = ', '.join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in signature.items()
+                         if old.get(k) != v)
+        fail(f"{c.out_dir} holds a run with other settings ({diff}): pass --overwrite=True to "
+             f"replace it, or another --out_dir")
     if previous is not None and 'items_done' not in previous:
         print(f"{c.out_dir} is already prepared ({previous['n']} rows, {previous['n_val']} val): "
               f"nothing to do")
         return previous
-    src = dict(emoji=emoji_source, folder=folder_source, wds=wds_source,
-               urls=urls_source)[c.source](c)
-    if src.n_items < (1 if c.source == 'emoji' else 2):  # one is held out for validation
-        fail(f"--input={c.input or EMOJI_DIR}: {src.n_items} images found, too few to train on "
-             f"one and validate on another")
-    if previous is not None and previous['n_items'] != src.n_items:
+    for f in ['meta.json', 'progress.json', 'skipped.jsonl'] + [  # a new run: no old outputs
+            p + a for p, _ in SPLITS.values() for a in ARRAYS] if previous is None else []:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(c.out_dir, f))
+    sources = dict(emoji=emoji_source, folder=folder_source, wds=wds_source, urls=urls_source)
+    items, n_items, skipped = sources[c.source](c)
+    if (n_items := min(n_items, c.limit or n_items)) < (1 if c.source == 'emoji' else 2):
+        fail(f"--input={c.input or EMOJI_DIR}: {n_items} images found, too few to validate on one")
+    if previous is not None and previous['n_items'] != n_items:
         fail(f"--input changed since this run began ({previous['n_items']} items, now "
-             f"{src.n_items}): pass --overwrite=True to start over")
+             f"{n_items}): pass --overwrite=True to start over")
     os.makedirs(c.out_dir, exist_ok=True)
     text, codec = (TextEncoder(c.text_encoder, c.device, dtype=c.dtype),
                    ImageCodec(c.vae, c.device, dtype=c.dtype))
     if c.image_size % codec.downsample:
-        fail(f"--image_size={c.image_size} is not a multiple of the vae's downsampling factor "
-             f"{codec.downsample}")
+        fail(f"--image_size={c.image_size}: not a multiple of the vae's factor {codec.downsample}")
     latent_shape = (codec.channels, *[c.image_size // codec.downsample] * 2)
     splits = list(SPLITS) if c.source == 'emoji' else ['train', 'val']
-    state = previous or dict(settings=signature, n_items=src.n_items, items_done=0, val_owed=0,
-                             moments=None,
-                             rows=dict.fromkeys(splits, 0), bytes={}, skip_counts={},
-                             quantization=None, seconds=0.0)
+    state = previous or dict(settings=signature, n_items=n_items, items_done=0, val_owed=0,
+                             moments=None, rows=dict.fromkeys(splits, 0), bytes={},
+                             skip_counts={}, quantization=None, seconds=0.0)
     writer = Writer(c.out_dir, state, latent_shape, c.latent_dtype, text.dim)
     if previous is not None:
-        print(f"resuming {c.out_dir} at item {state['items_done']} of {src.n_items}")
-    for key, reason in src.skipped if previous is None else []:  # found before any image was read
+        print(f"resuming {c.out_dir} at item {state['items_done']} of {n_items}")
+    for key, reason in skipped if previous is None else []:
         writer.skip(key, reason)
-    _encode(c, src, writer, text, codec)
+    _encode(c, items, n_items, writer, text, codec)
     return _finish(c, writer, text, codec, latent_shape, time.time() - t_start)
 
 
 def _finish(c, writer, text, codec, latent_shape, seconds):
-    state, counts = writer.state, Counter(writer.state['skip_counts'])
+    state, counts = writer.state, writer.skip_counts
     for split in ('train', 'val'):
         if state['rows'][split] == 0:
             fail(f"no usable items for the {split} split in --input={c.input or EMOJI_DIR}: "
@@ -661,10 +579,10 @@ def _finish(c, writer, text, codec, latent_shape, seconds):
         settings=state['settings'], seconds=round(state['seconds'], 2),
         items_per_s=round(state['items_done'] / max(state['seconds'], 1e-9), 1))
     writer.finish(meta)
-    held, why = f" + {meta.get('n_heldout')} held-out" * ('n_heldout' in meta), f" {dict(counts)}"
+    held = f" + {meta['n_heldout']} held-out" if 'n_heldout' in meta else ''
     print(f"wrote {meta['n']} rows + {meta['n_val']} val rows{held} of latents {latent_shape} "
           f"({c.latent_dtype}) and {text.name} embeddings ({text.dim}) to {c.out_dir} in "
-          f"{seconds:.1f}s; skipped {sum(counts.values())} items{why * bool(counts)}")
+          f"{seconds:.1f}s; skipped {sum(counts.values())} items {dict(counts) if counts else ''}")
     return meta
 
 

@@ -52,7 +52,7 @@ cfg = 7.0  # classifier-free guidance scale; 1 = no guidance (and half the compu
 cfg_min_sigma = 0.2  # guide only the steps from σ > this (a limited guidance interval); 0 = all
 seed = 0  # image j of every prompt starts from the noise of seed + j
 steps = 15
-sampler = 'dpmpp2m'  # 'dpmpp2m' or 'ddim'
+sampler = ''  # '' = the checkpoint's: dpmpp2m, or consistency for a few-step model; or ddim
 size = ()  # pixels, H [W]: a grid other than the trained one (positions resized); () = trained
 # interpolation: a strip of `frames` images per row, one row per image (--n)
 interp = []  # two prompts: walk from the first to the second in text-embedding space, noise fixed
@@ -63,11 +63,9 @@ init_image = ''  # the image to extend or fill; without one, --outpaint starts f
 mask = ''  # a mask image, white = generate, black = keep
 outpaint = ''  # 'right', 'left', 'up' or 'down': slide the canvas by half and fill the new half
 repeat = 1  # outpaint this many times in a row: a panorama
-# output
 out = ''  # the grid's path, replaced if it exists; default: a new file in the run's samples/
 individual = False  # also save each image on its own, in a folder named like the grid
 zoom = 0  # enlarge the saved images (nearest neighbour); 0 = auto, tiles >= 128 px; 1 = raw
-# system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: bf16 where native, else fp16 on GPU, fp32
 compile = False  # torch.compile the denoiser (on a CPU with frozen weights): slow start, then fast
@@ -134,7 +132,6 @@ class Pipeline:
             out.append(x0.float())
         return torch.cat(out)
 
-    @torch.no_grad()
     def decode(self, x, batch_size=16):
         """Model space (B, C, h, w) -> images (B, 3, H, W) in [0, 1], on the CPU."""
         return decode_latents(self.codec, x, self.norm, batch_size)
@@ -144,10 +141,7 @@ def pipeline_from_checkpoint(ckpt, device='cpu', dtype='auto', compile=False, te
                              source='checkpoint'):
     """A Pipeline from a loaded checkpoint: the EMA denoiser, the image codec and (unless
     text_encoder=False) the text encoder its data_meta names. Errors: one-line ValueErrors."""
-    meta = ckpt.get('data_meta') or {}
-    if text_encoder and 'text_encoder' not in meta:
-        raise ValueError(f"checkpoint '{source}' records no data_meta.text_encoder: "
-                         f"cannot tell which text encoder its data was prepared with")
+    meta = ckpt.get('data_meta') or {}  # prepare.py's meta.json of the data it was trained on
     model = denoiser_from_checkpoint(ckpt, ema=True).to(device)
     encoder = TextEncoder(meta['text_encoder'], device, dtype) if text_encoder else None
     width = ckpt['model_args'].get('text_emb_size')
@@ -159,12 +153,15 @@ def pipeline_from_checkpoint(ckpt, device='cpu', dtype='auto', compile=False, te
                     latent_norm(meta), device, dtype)
     pipe.info = (f"{model.num_params() / 1e6:.2f}M parameters, iter {ckpt.get('iter_num')}, "
                  f"text encoder '{meta.get('text_encoder')}', vae '{codec.name}'")
+    # what train.py made: a diffusion model, or a consistency-tuned one (with guidance baked in)
+    pipe.sampler = 'consistency' if ckpt.get('objective') == 'consistency' else 'dpmpp2m'
+    pipe.baked_cfg = ckpt.get('baked_cfg') or 0.0
     return pipe
 
 
 def compile_for_inference(model):
-    """torch.compile the model's forward for sampling, in place; on a CPU with inductor's freezing
-    (weights become constants, cast and prepacked once: they must not change after the first call),
+    """torch.compile the model's forward for sampling, in place. On a CPU, inductor freezes the
+    weights (constants, prepacked once: never change them after the first call); the switch is
     set around each call, as Dynamo reads it while tracing, not for the whole process."""
     import torch._inductor.config as inductor_config
     forward = torch.compile(model.forward)
@@ -191,18 +188,27 @@ def make_noise(seeds, shape):
 
 # ----- the modes -> images (B, 3, H, W) in [0, 1]; **settings: Pipeline.sample_latents' -----
 
-def generate_images(pipe, prompts, n=1, seed=0, negative='', size=None, **settings):
-    """n images for each prompt, prompt-major; image j of every prompt from seed + j's noise."""
+def generate_images(pipe, prompts, n=1, seed=0, negative='', size=None, image=None, mask=None,
+                    **settings):
+    """n images for each prompt, prompt-major; image j of every prompt from seed + j's noise.
+    image (1, 3, H, W) in [-1, 1] and mask (1, 1, h, w) on the model's grid: fill its 1s."""
     text = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (P·n, D_text)
     uncond = pipe.encode_text([negative]) if negative else None  # (1, D_text)
-    noise = make_noise([seed + j for j in range(n)] * len(prompts), pipe.latent_shape(size))
+    shape = pipe.latent_shape(size if image is None else image.shape[2:])  # (C, h, w)
+    noise = make_noise([seed + j for j in range(n)] * len(prompts), shape)
+    if image is not None:  # inpainting: the image's latents where the mask is 0
+        settings.update(known=pipe.encode_image(image).expand(len(noise), *shape),
+                        mask=mask.expand(len(noise), 1, *shape[1:]))
     return pipe.decode(pipe.sample_latents(text, noise, uncond_emb=uncond, **settings))
 
 
-def interpolate(pipe, text, n=1, frames=8, seed=0, seeds=None, size=None, **settings):
-    """n rows of `frames` images. text (2, D_text): lerped from the first prompt to the second;
-    (1, D_text): kept. seeds (a, b): row j's noise slerped from seed a+j to b+j; else seed+j's."""
-    shape, t = pipe.latent_shape(size), torch.linspace(0, 1, frames)[:, None]  # t (frames, 1)
+def interpolate(pipe, prompts, n=1, frames=8, seed=0, seeds=None, size=None, negative='',
+                **settings):
+    """n rows of `frames` images: the text embedding lerped from the first of two prompts to the
+    second, or one prompt's kept; seeds (a, b): row j's noise slerped from seed a+j to b+j."""
+    text, shape = pipe.encode_text(prompts), pipe.latent_shape(size)  # (1 or 2, D_text), (C, h, w)
+    settings['uncond_emb'] = pipe.encode_text([negative]) if negative else None
+    t = torch.linspace(0, 1, frames)[:, None]  # (frames, 1)
     walk = lerp(text[:1], text[1:], t.to(text)) if len(text) == 2 else text.expand(frames, -1)
     row = lambda s: make_noise([s], shape).expand(frames, *shape)  # (frames, C, h, w)
     noise = [slerp(row(seeds[0] + j), row(seeds[1] + j), t) if seeds else row(seed + j)
@@ -210,12 +216,13 @@ def interpolate(pipe, text, n=1, frames=8, seed=0, seeds=None, size=None, **sett
     return pipe.decode(pipe.sample_latents(walk.repeat(n, 1), torch.cat(noise), **settings))
 
 
-def outpaint_images(pipe, text, direction, repeat=1, n=1, seed=0, image=None, size=None,
-                    **settings):
-    """n panoramas for each prompt of text (P, D_text): image (1, 3, H, W) in [-1, 1], or one
-    generated, extended `repeat` times towards `direction`, each time by sliding the canvas by half
-    and generating the half it does not keep. Panorama j of each prompt draws from seed + j."""
-    text = text.repeat_interleave(n, dim=0)  # (P·n, D_text)
+def outpaint_images(pipe, prompts, direction, repeat=1, n=1, seed=0, image=None, size=None,
+                    negative='', **settings):
+    """n panoramas for each prompt: image (1, 3, H, W) in [-1, 1], or one generated, extended
+    `repeat` times towards `direction`, each time by sliding the canvas by half and generating the
+    half it does not keep. Panorama j of each prompt draws from seed + j."""
+    text = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (P·n, D_text)
+    settings['uncond_emb'] = pipe.encode_text([negative]) if negative else None
     generators = [torch.Generator().manual_seed(seed + j % n) for j in range(len(text))]
     C, h, w = pipe.latent_shape(size if image is None else image.shape[2:])
     draw = lambda: torch.stack([torch.randn((C, h, w), generator=g) for g in generators])
@@ -232,16 +239,6 @@ def outpaint_images(pipe, text, direction, repeat=1, n=1, seed=0, image=None, si
     return pipe.decode(strip)
 
 
-def inpaint_images(pipe, text, image, mask, n=1, seed=0, **settings):
-    """n fills for each prompt of text (P, D_text) of image (1, 3, H, W) in [-1, 1] where mask
-    (1, 1, h, w), on the model's grid, is 1; fill j of every prompt from the noise of seed + j."""
-    B, (C, h, w) = len(text) * n, pipe.latent_shape(image.shape[2:])
-    noise = make_noise([seed + j for j in range(n)] * len(text), (C, h, w))  # (P·n, C, h, w)
-    x0 = pipe.sample_latents(text.repeat_interleave(n, dim=0), noise, mask=mask.expand(B, 1, h, w),
-                             known=pipe.encode_image(image).expand(B, C, h, w), **settings)
-    return pipe.decode(x0)
-
-
 # ----- images in and out -----
 
 @torch.no_grad()
@@ -255,22 +252,10 @@ def decode_latents(codec, x, norm=None, batch_size=16):
 
 
 def load_image(path, size):
-    """An image file -> (1, 3, H, W) in [-1, 1], prepared as training data is (prepare.read_image:
-    transparency onto white, shorter side resized, centre crop); for H != W the centre (H, W) of
-    the max(H, W) square. Raises prepare.Skip for a file it cannot decode."""
-    H, W = size
-    pixels = read_image(path, max(H, W), min_size=1)  # (S, S, 3) uint8
-    top, left = (len(pixels) - H) // 2, (len(pixels) - W) // 2
-    x = torch.from_numpy(pixels[top:top + H, left:left + W].copy()).permute(2, 0, 1)
-    return x[None].float() / 127.5 - 1
-
-
-def read_mask(path, size, downsample):
-    """A mask image (white = generate) -> (1, 1, H/ds, W/ds) in {0, 1} on the model's grid. A latent
-    cell is generated if any of its pixels is, so the known region is only cells fully known."""
-    m = Image.open(path).convert('L').resize((size[1], size[0]), Image.NEAREST)
-    m = (torch.from_numpy(np.asarray(m).copy())[None, None] > 127).float()
-    return F.max_pool2d(m, downsample) if downsample > 1 else m
+    """An image file -> (1, 3, H, W) in [-1, 1] for size (H, W), read as training data is
+    (prepare.read_image: transparency onto white, a centre crop). Raises prepare.Skip."""
+    pixels = torch.from_numpy(read_image(path, size, min_size=1).copy())  # (H, W, 3) uint8
+    return pixels.permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 def slug(*texts, max_len=40):
@@ -319,7 +304,7 @@ if __name__ == '__main__':
         ('steps', steps >= 1, '>= 1'), ('n', n >= 1, '>= 1'), ('repeat', repeat >= 1, '>= 1'),
         ('frames', frames >= 2 or not walk, '>= 2'), ('zoom', zoom >= 0, '>= 0 (0: auto, 1: raw)'),
         ('cfg_min_sigma', 0 <= cfg_min_sigma < 1, 'in [0, 1): no guidance below this σ'),
-        ('sampler', sampler in SAMPLERS, f'one of {sorted(SAMPLERS)}'),
+        ('sampler', sampler in ('', *SAMPLERS), f'one of {sorted(SAMPLERS)}'),
         ('device', device == 'cpu' or device.startswith('cuda') and torch.cuda.is_available(),
          'cpu, or cuda where there is a GPU'), ('batch_size', batch_size >= 1, '>= 1'),
         ('dtype', dtype in ('auto', *PTDTYPES), f"'auto' or one of {sorted(PTDTYPES)}"),
@@ -359,32 +344,35 @@ if __name__ == '__main__':
         fail(f"'{source}' is not an outpainting model (it has {pipe.model.cond_channels} extra "
              f"input channels, outpainting needs {shape[0] + 1}): fine-tune one with "
              f"python train.py config/tiny_outpaint.py")
-    try:  # image (1, 3, H, W) in [-1, 1]; m (1, 1, h, w) on the model's grid, 1 = generate
+    try:  # image (1, 3, H, W) in [-1, 1]; the mask (H, W), white = generate
         image = load_image(init_image, (H, W)) if init_image else None
-        m = read_mask(mask, (H, W), pipe.codec.downsample) if mask else None
+        m = Image.open(mask).convert('L').resize((W, H), Image.NEAREST) if mask else None
     except (Skip, OSError) as e:
         fail(f"--init_image '{init_image}' or --mask '{mask}': not an image it can read ({e})")
+    if m is not None:  # (1, 1, h, w) on the model's grid: a cell is generated if any pixel is
+        m = F.max_pool2d((torch.from_numpy(np.array(m))[None, None] > 127).float(),
+                         pipe.codec.downsample)
+    sampler = sampler or pipe.sampler
+    if pipe.baked_cfg and cfg != 1:
+        print(f"note: guidance is in this model's weights (cfg {pipe.baked_cfg:g}): cfg 1")
+        cfg = 1.0
     print(f"{source}: {pipe.info}; {H}x{W} px, {steps} {sampler} steps, cfg {cfg:g} at "
           f"σ > {cfg_min_sigma:g}, {device} {pipe.dtype}")
 
     # sample and decode: images (B, 3, H, W) in [0, 1]
     t0, P = time.time(), len(prompts)
-    settings = dict(n=n, seed=seed, cfg=cfg, steps=steps, sampler=sampler,  # every mode's
-                    cfg_min_sigma=cfg_min_sigma, batch_size=batch_size)
-    if not (walk or outpaint or mask):  # image j of each prompt from seed + j
-        images = generate_images(pipe, prompts, negative=negative, size=size, **settings)
-    else:
-        text = pipe.encode_text(prompts)  # (P, D_text)
-        settings['uncond_emb'] = pipe.encode_text([negative]) if negative else None
+    settings = dict(n=n, seed=seed, negative=negative, size=size, cfg=cfg, steps=steps,
+                    sampler=sampler, cfg_min_sigma=cfg_min_sigma, batch_size=batch_size)
     if walk:
-        images = interpolate(pipe, text, frames=frames, seeds=interp_seeds, size=size, **settings)
+        images = interpolate(pipe, prompts, frames=frames, seeds=interp_seeds, **settings)
     elif outpaint:
-        images = outpaint_images(pipe, text, outpaint, repeat, image=image, size=size, **settings)
-    elif mask:  # each row: the input with its hole greyed out, then the fills
-        fills = inpaint_images(pipe, text, image, m, **settings).view(P, n, 3, H, W)
+        images = outpaint_images(pipe, prompts, outpaint, repeat, image=image, **settings)
+    else:  # image j of each prompt from seed + j; with a mask, the fills of the image's hole
+        images = generate_images(pipe, prompts, image=image if mask else None, mask=m, **settings)
+    if mask:  # each row: the input with its hole greyed out, then the fills
         m = F.interpolate(m, size=(H, W), mode='nearest')
         before = (((image + 1) / 2).clamp(0, 1) * (1 - m) + 0.5 * m).expand(P, 1, 3, H, W)
-        images = torch.cat([before, fills], dim=1).flatten(0, 1)  # (P·(n+1), 3, H, W)
+        images = torch.cat([before, images.view(P, n, 3, H, W)], 1).flatten(0, 1)  # (P·(n+1), ...)
     seconds = time.time() - t0
 
     # name the grid by what made it, in the run's samples/, never over an earlier one's

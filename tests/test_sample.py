@@ -342,3 +342,21 @@ def test_compiled_pipeline_samples_as_the_eager_one_with_frozen_weights(sample_r
     got = compiled.sample_latents(emb, noise, cfg=7.0, steps=2, cfg_min_sigma=0.0)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert frozen, "inductor did not freeze the weights"
+
+
+def test_a_few_step_checkpoint_picks_its_sampler_and_its_baked_guidance(tmp_path):
+    """A consistency-distilled checkpoint samples with the consistency sampler and cfg 1 (its
+    guidance is in the weights) without a flag: the images are generate()'s with those settings."""
+    run = tmp_path / 'fewstep'
+    save_tiny_checkpoint(str(run), objective='consistency', baked_cfg=4.0)
+    proc = run_in_process('sample.py', f'--out_dir={run}', '--prompt', 'a red apple', '--n=2',
+                          '--steps=2', '--dtype=float32', '--zoom=1')
+    assert 'guidance is in this model' in proc.stdout
+    assert '2 consistency steps, cfg 1' in proc.stdout
+    path = next(line.split(' ', 1)[1] for line in proc.stdout.splitlines()
+                if line.startswith('wrote '))
+    pipe = load_pipeline(str(run), 'cpu', 'float32')
+    expected = generate_images(pipe, ['a red apple'], n=2, cfg=1.0, steps=2, sampler='consistency')
+    grid = _png(path)
+    torch.testing.assert_close(torch.from_numpy(_tile(grid, 0, 1)).permute(2, 0, 1), expected[1],
+                               atol=1 / 255 + 1e-6, rtol=0)
