@@ -3,7 +3,7 @@ Measure a checkpoint's images with numbers, so that two checkpoints, samplers or
 compared by more than eye. For each held-out prompt it samples n images with the EMA model and
 reports, for every setting (sampler × cfg × cfg_min_sigma × steps):
 
-    top1, top5  prompt fidelity (pixel-space data like the emoji set): how often the nearest real
+    top1, top5  prompt fidelity (captioned data like the emoji set): how often the nearest real
                 image to a generated one is the image of the held-out caption it was made from
     rank        the median rank of that intended image among all real ones (1 = a hit, (K+1)/2 =
                 chance)
@@ -288,14 +288,10 @@ def main():
     counts = ' + '.join(f"{len(s['rows'])} {s['name']}" for s in splits)
     print(f"{source}: iter {checkpoint.get('iter_num')}, {counts} prompts of {data_path} × "
           f"{n_per_prompt} images, {len(settings)} settings, {device} {pipe.dtype}")
-    if fidelity is not None:
-        print(f"prompt fidelity: {fidelity.K} distinct images in {data_path} (every split)")
+    print(f"prompt fidelity: {fidelity.K} distinct images in {data_path} (every split)")
     fid_pair, clip_score, fid_info, skipped = scorers_or_skips(
         checkpoint, data, pipe, len(splits[0]['rows']) * n_per_prompt)
-    if fidelity is None:
-        skipped['fidelity'] = ("prompt fidelity and diversity need pixel-space data (the emoji "
-                               "set); this data is VAE latents")
-    names = dict(fid='FID and KID', clip='CLIP score', fidelity='prompt fidelity')
+    names = dict(fid='FID and KID', clip='CLIP score')
     for what, why in skipped.items():
         print(f"{names[what]} skipped: {why}")
     t0, results = time.time(), {}
@@ -308,7 +304,7 @@ def main():
         checkpoint=source, iter_num=checkpoint.get('iter_num'), data_dir=data_path,
         n_per_prompt=n_per_prompt, seed=seed, device=device, dtype=pipe.dtype,
         feature_space=f"RGB in [0,1] average-pooled to 16x16, minus the real images' mean, "
-                      f"L2-normalized; nearest neighbour over {fidelity.K if fidelity else 0} "
+                      f"L2-normalized; nearest neighbour over {fidelity.K} "
                       f"distinct images", fid_real=fid_info, splits=results,
         skipped=skipped, seconds=time.time() - t0))
 

@@ -72,11 +72,9 @@ class RealImages:
 
 
 def real_images(data, codec, splits=()):
-    """The distinct images of pixel-space prepared data, the training rows and those of each named
-    split the data has, with each split's first row in them: -> (RealImages, {split: offset});
-    (None, {}) for VAE latents."""
-    if codec.vae is not None:
-        return None, {}
+    """The distinct images of the prepared data, the training rows and those of each named split
+    the data has, with each split's first row in them: -> (RealImages, {split: offset}). Latents
+    are decoded once per distinct row and pooled at once: the metric's resolution is enough."""
     from sample import decode_latents
     parts, offsets, n = [data.latents], {}, len(data.latents)
     for name in splits:
@@ -84,8 +82,12 @@ def real_images(data, codec, splits=()):
         if latents is not None:
             offsets[name], n = n, n + len(latents)
             parts.append(latents)
-    images = torch.cat([decode_latents(codec, data.to_tensor(p[:])) for p in parts])
-    return RealImages(images), offsets
+    rows = np.concatenate([np.asarray(p) for p in parts])  # (N, C, h, w), one image many times
+    distinct, inverse = np.unique(rows.reshape(len(rows), -1), axis=0, return_inverse=True)
+    pooled = torch.cat([F.adaptive_avg_pool2d(decode_latents(codec, data.to_tensor(
+        distinct[i:i + 256].reshape(-1, *rows.shape[1:]))), FEATURE_SIZE)
+        for i in range(0, len(distinct), 256)])  # (U, 3, 16, 16)
+    return RealImages(pooled[torch.from_numpy(inverse.reshape(-1))]), offsets
 
 
 def prompt_fidelity(real, feats, targets):
