@@ -180,15 +180,14 @@ def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, 
 
 # ----- consistency tuning: a model that samples in a few steps -----
 
-SIGMA_MIN = 0.002  # below about this σ, f hands over from the denoiser to its input
+SIGMA_DATA = 0.5  # the scale of the data in f's skip connection (images in [-1, 1])
 
 
 def consistency_output(model, x, sigma, text_emb, cond=None):
-    """f(x, σ) = c·x + (1 - c·(1-σ))·D(x, σ), c = s²(1-σ) / (σ² + s²(1-σ)²), s = SIGMA_MIN: a
-    skip connection (EDM's, in this process's scale) that makes f(x, 0) = x exact while f is the
-    denoiser itself wherever σ >> s, so tuning starts from the trained model."""
+    """f(x, σ) = c·x + (1 - c·(1-σ))·D(x, σ), c = σ_d²(1-σ) / (σ² + σ_d²(1-σ)²): EDM's skip
+    connection in this process's scale, so f(x, 0) = x exactly and f ≈ D(x, σ) at high noise."""
     s = sigma.float().view(-1, 1, 1, 1)
-    c = SIGMA_MIN ** 2 * (1 - s) / (s ** 2 + SIGMA_MIN ** 2 * (1 - s) ** 2)
+    c = SIGMA_DATA ** 2 * (1 - s) / (s ** 2 + SIGMA_DATA ** 2 * (1 - s) ** 2)
     return c * x.float() + (1 - c * (1 - s)) * model(x, sigma, text_emb, cond=cond).float()
 
 

@@ -195,14 +195,14 @@ def test_consistency_loss_is_zero_for_the_exactly_consistent_model():
     """Data that is one image μ: every ODE trajectory is the straight line from ε to μ, and the
     exact consistency function is f ≡ μ. A model whose f is that has zero loss, tuned alone (x_t
     and x_r share ε) or distilled from the ideal denoiser (D ≡ μ: its DDIM step stays on the line);
-    a model whose f is not constant does not."""
-    from diffusion import SIGMA_MIN, consistency_loss
+    the ideal denoiser itself, whose f is not constant, does not."""
+    from diffusion import SIGMA_DATA, consistency_loss
     mu = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)).expand(8, -1, -1, -1)
     text = torch.zeros(8, 8)
 
     def exact_f(x, sigma, text, cond=None):  # D such that c·x + (1 - c(1-σ))·D = μ
         s = sigma.view(-1, 1, 1, 1)
-        c = SIGMA_MIN ** 2 * (1 - s) / (s ** 2 + SIGMA_MIN ** 2 * (1 - s) ** 2)
+        c = SIGMA_DATA ** 2 * (1 - s) / (s ** 2 + SIGMA_DATA ** 2 * (1 - s) ** 2)
         return (mu - c * x) / (1 - c * (1 - s))
 
     def ideal_denoiser(x, sigma, text, cond=None):
@@ -211,8 +211,7 @@ def test_consistency_loss_is_zero_for_the_exactly_consistent_model():
     torch.manual_seed(0)
     for teacher in (None, ideal_denoiser):  # alone, and distilled at cfg 1
         assert consistency_loss(exact_f, mu, text, 0.3, teacher=teacher).item() < 1e-9
-        assert consistency_loss(lambda x, *_, **__: x, mu, text, 0.3,  # f = x is not constant
-                                teacher=teacher).item() > 1e-2
+        assert consistency_loss(ideal_denoiser, mu, text, 0.3, teacher=teacher).item() > 1e-2
 
 
 def test_consistency_sampler_calls_the_model_once_a_step_and_is_seeded():
