@@ -178,15 +178,31 @@ def bench_peak():
     """FLOP/s of a square product and of a tall one shaped like the MLP's (8192 tokens, 1024 ->
     256) in each measured dtype: the ceiling the other tables divide by."""
     peaks, rows = {}, []
+    square = 8192 if device.startswith('cuda') else 2048  # a GPU needs big products to fill
     for dtype in DTYPES:
-        for m, k, n in ((2048, 2048, 2048), (8192, 1024, 256)):
+        for m, k, n in ((square, square, square), (8192, 1024, 256)):
             a = torch.randn(m, k, device=device, dtype=PTDTYPES[dtype])
             b = torch.randn(k, n, device=device, dtype=PTDTYPES[dtype])
-            flops = 2 * m * k * n / timeit(lambda: a @ b, n=10)
+            flops = 2 * m * k * n / matmul_seconds(a, b)
             peaks[dtype] = max(peaks.get(dtype, 0), flops)
             rows.append([dtype, f"{m}×{k} @ {k}×{n}", f"{flops / 1e9:.0f}"])
     print_table('peak: GFLOP/s of one matmul', ['dtype', 'shape', 'GFLOP/s'], rows)
     return peaks
+
+
+def matmul_seconds(a, b, n=10):
+    """Seconds per a @ b. On a GPU, n back-to-back products between two CUDA events: a sync
+    after each would add its latency to every product and understate the peak."""
+    if not device.startswith('cuda'):
+        return timeit(lambda: a @ b, n=n)
+    a @ b  # warm-up: cuBLAS picks its kernel
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / n
 
 
 def bench_model(peaks):

@@ -521,3 +521,31 @@ def test_bench_says_which_cpu_and_dtype_it_measured(tmp_path):
     assert second.startswith('dtypes measured: float32 (auto is ')
     assert '| dpmpp2m |' in proc.stdout
     assert 'nosuch' in one_line_error(run_in_process('bench.py', '--only', 'nosuch', check=False))
+
+
+def test_bench_times_gpu_matmuls_between_cuda_events_without_a_sync_each(monkeypatch):
+    """On a GPU the peak is n back-to-back products between two events, one sync at the end."""
+    import bench
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            log.append('record')
+
+        def elapsed_time(self, end):
+            return 20.0  # ms between the events
+
+    monkeypatch.setattr(bench, 'device', 'cuda:0')
+    monkeypatch.setattr(torch.cuda, 'Event', Event)
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda *a: log.append('sync'))
+    a = torch.ones(4, 4)
+
+    class Counting:
+        def __matmul__(self, other):
+            log.append('mm')
+            return a
+    assert bench.matmul_seconds(Counting(), a, n=10) == pytest.approx(0.002)
+    assert log == ['mm', 'record'] + ['mm'] * 10 + ['record', 'sync']
