@@ -352,10 +352,10 @@ def estimate_loss(net):
         cond = masked_input(x0, mask) if outpaint else None
         for s in eval_sigmas:
             sigma = torch.full((len(x0),), s, device=device)
+            x_t = add_noise(x0, sigma, noise)
             with ctx:  # a consistency model's estimate of x0 is its f
-                pred = net(add_noise(x0, sigma, noise), sigma, text, cond=cond) \
-                    if objective == 'x0' else consistency_output(net, add_noise(x0, sigma, noise),
-                                                                 sigma, text)
+                pred = net(x_t, sigma, text, cond=cond) if objective == 'x0' else \
+                    consistency_output(net, x_t, sigma, text)
             err_sum += (((pred.float() - x0) ** 2) * mask).sum().item()
             weight_sum += mask.expand_as(x0).sum().item()
     return err_sum / weight_sum
