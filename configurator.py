@@ -83,33 +83,30 @@ def _value(key, texts, default):
     return values[0]
 
 
-def configure(namespace, argv, exit_on_error=True):
+def configure(namespace, argv):
     """Apply config files and --key overrides from argv to namespace (a script's globals()).
     Returns the resulting config dict {key: value}, the thing to log and to save in checkpoints."""
     keys = config_keys(namespace)
     try:
         i = 0
         while i < len(argv):
-            arg = argv[i]
+            arg, i = argv[i], i + 1
             if not arg.startswith('--'):
                 if not arg.endswith('.py'):
                     raise ConfigError(f"unexpected argument '{arg}': expected a config file "
                                       f"(config/*.py) or --key=value")
                 _apply_file(namespace, keys, arg)
-                i += 1
                 continue
             key, eq, text = arg[2:].partition('=')
             _check_key(key, keys)
-            j = i + 1
+            j = i
             while not eq and j < len(argv) and not argv[j].startswith('--'):
                 j += 1  # --key v1 [v2 ...] up to the next --option
-            texts, i = ([text], i + 1) if eq else (argv[i + 1:j], j)
+            texts, i = ([text], i) if eq else (argv[i:j], j)
             namespace[key] = _coerce(key, _value(key, texts, namespace[key]), namespace[key])
         for key in keys:  # a config file may set a float to inf too
             _coerce(key, namespace[key], namespace[key])
     except ConfigError as e:
-        if not exit_on_error:
-            raise
         fail(e)
     return {k: namespace[k] for k in keys}
 

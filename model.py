@@ -48,9 +48,8 @@ CPU_BF16_TRAINING_ATTENTION = True  # False: SDPA everywhere, which computes the
 
 
 def attention(q, k, v, dropout=0.0):
-    """softmax(q·kᵀ/√d)·v over (B, h, N, d) queries and (B, h, L, d) keys and values. SDPA, but
-    for training under bf16 autocast on a CPU, where its fused backward is slow: two matmuls and
-    a softmax there train the README's demo twice as fast (docs/speed.md)."""
+    """softmax(q·kᵀ/√d)·v for (B, h, N, d) queries, (B, h, L, d) keys and values: SDPA, but two
+    matmuls and a softmax in CPU bf16 training, where SDPA's backward is slow (docs/speed.md)."""
     if (CPU_BF16_TRAINING_ATTENTION and q.device.type == 'cpu' and torch.is_grad_enabled()
             and torch.is_autocast_enabled('cpu')
             and torch.get_autocast_dtype('cpu') == torch.bfloat16):
@@ -60,8 +59,7 @@ def attention(q, k, v, dropout=0.0):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection. As in the reference model there is
-    no output projection: the heads go into the residual and the MLP that follows mixes them."""
+    """Multi-head self-attention, no output projection (as the reference): the MLP mixes heads."""
 
     def __init__(self, dim, head_dim, dropout):
         super().__init__()
@@ -92,8 +90,8 @@ class CrossAttention(nn.Module):
 
 
 class ConvMLP(nn.Module):
-    """Linear -> depthwise 3×3 conv on the token grid -> GELU -> Linear (LocalViT's FFN): the conv
-    lets neighbouring patches talk, which removes the patchy look of plain ViT denoisers."""
+    """Linear -> depthwise 3×3 conv on the token grid -> GELU -> Linear (LocalViT's FFN): patches
+    talk to their neighbours, which removes the patchy look of plain ViT denoisers."""
 
     def __init__(self, dim, mult, dropout):
         super().__init__()
@@ -174,15 +172,14 @@ class Denoiser(nn.Module):
         self.patch_out = nn.Linear(D, n_channels * patch_size ** 2)
 
     def forward(self, x, sigma, text_emb, cond=None):
-        """x (B, C, H, W) noisy input, sigma (B,), text_emb (B, D_text),
-        cond (B, cond_channels, H, W) extra inputs (masked image and mask for outpainting).
-        Returns the x0 prediction, (B, C, H, W)."""
+        """x (B, C, H, W) noisy, sigma (B,), text_emb (B, D_text), cond (B, cond_channels, H, W)
+        (outpainting: the masked image and the mask) -> the x0 prediction (B, C, H, W)."""
         if cond is not None:
             x = torch.cat([x, cond], dim=1)  # (B, C + Cc, H, W)
         p = self.patch_size
         grid = (x.shape[2] // p, x.shape[3] // p)
         tokens = rearrange(x, 'b c (h p1) (w p2) -> b h w (c p1 p2)', p1=p, p2=p)
-        tokens = self.patch_in(tokens) + self.positional_table(grid)  # (B, h, w, D)
+        tokens = self.patch_in(tokens) + resize_positional_table(self.pos_emb, grid)  # (B,h,w,D)
         if hasattr(self, 'prior_in'):
             tokens = tokens + self.prior_offsets(text_emb, grid)
         tokens = tokens.flatten(1, 2)  # (B, N, D)
@@ -202,23 +199,7 @@ class Denoiser(nn.Module):
     def prior_offsets(self, text_emb, grid):
         """(B, D_text) -> (B, h, w, D): the caption's own per-position offset of the tokens."""
         prior = self.prior_in(text_emb).view(len(text_emb), PRIOR_GRID, PRIOR_GRID, -1)
-        if tuple(grid) != (PRIOR_GRID, PRIOR_GRID):  # (B, 8, 8, r) -> (B, h, w, r)
-            prior = resize_positional_table(prior, grid)
-        return self.prior_out(prior)
-
-    def positional_table(self, grid):
-        """The (1, h, w, D) positional table for a token grid, resized bilinearly when the grid
-        differs from the trained one (sampling at a size that was never trained)."""
-        if tuple(grid) == tuple(self.pos_emb.shape[1:3]):
-            return self.pos_emb
-        return resize_positional_table(self.pos_emb, grid)
-
-    @torch.no_grad()
-    def resize_pos_emb(self, image_size):
-        """Resize the positional table to a new image_size and keep it (fine-tuning)."""
-        H, W = _pair(image_size)
-        grid = (H // self.patch_size, W // self.patch_size)
-        self.pos_emb = nn.Parameter(resize_positional_table(self.pos_emb.data, grid))
+        return self.prior_out(resize_positional_table(prior, grid))  # (B, h, w, r) -> (B, h, w, D)
 
     @torch.no_grad()
     def widen_input(self, cond_channels):
@@ -226,9 +207,6 @@ class Denoiser(nn.Module):
         exactly what it did before (how the reference's outpainting model was made)."""
         old = self.patch_in
         extra = (cond_channels - self.cond_channels) * self.patch_size ** 2
-        if extra < 0:
-            raise ValueError(f"cannot narrow the input from {self.cond_channels} to "
-                             f"{cond_channels} cond channels")
         self.patch_in = nn.Linear(old.in_features + extra, old.out_features).to(old.weight)
         self.patch_in.weight.zero_()
         self.patch_in.weight[:, :old.in_features] = old.weight
@@ -240,8 +218,9 @@ class Denoiser(nn.Module):
 
 
 def resize_positional_table(table, grid):
-    """(B, h, w, D) -> (B, *grid, D), bilinear on the 2-D grid. The same size returns the same
-    values."""
+    """(B, h, w, D) -> (B, *grid, D), bilinear on the 2-D grid: a size never trained at."""
+    if tuple(grid) == tuple(table.shape[1:3]):
+        return table
     t = rearrange(table, 'b h w d -> b d h w')
     t = F.interpolate(t.float(), size=tuple(grid), mode='bilinear', align_corners=False)
     return rearrange(t, 'b d h w -> b h w d').to(table.dtype)
@@ -253,11 +232,9 @@ PTDTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': tor
 
 
 def resolve_dtype(dtype, device):
-    """'auto' -> the fastest dtype for the device. GPUs: bf16 from compute capability 8 (Ampere) on,
-    else fp16 (with a GradScaler in training); torch.cuda.is_bf16_supported() would say yes to a T4
-    or V100 too, which only emulate bf16, slowly. CPUs: bf16 where matmuls have it natively
-    (AVX512-bf16, AMX), else fp32, as emulated bf16 is slow there too. The one place that asks
-    the CPU: the encoders and the denoiser both come here."""
+    """'auto' -> the fastest dtype for the device, for the denoiser and the encoders alike. GPUs:
+    bf16 from compute capability 8 on, else fp16 (is_bf16_supported() says yes to a V100, which
+    emulates it). CPUs: bf16 where matmuls have it natively (AVX512-bf16, AMX), else fp32."""
     if dtype != 'auto':
         if dtype not in PTDTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(PTDTYPES)}, got {dtype!r}")
@@ -271,8 +248,7 @@ def resolve_dtype(dtype, device):
 
 
 def rng_state(device):
-    """This process's random state, for an exact resume: the CPU generator's and that of its own
-    GPU (named explicitly: the current device may be another)."""
+    """This process's CPU and own-GPU random state, for an exact resume."""
     on_gpu = torch.device(device).type == 'cuda'
     return {'torch': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state(device) if on_gpu else None}
@@ -285,8 +261,7 @@ def set_rng_state(state, device):
 
 
 def autocast(device, dtype):
-    """The autocast context for a resolved dtype: none for float32. Weights stay fp32, matmuls
-    run in dtype; the sampler's arithmetic and the losses are fp32, outside of it."""
+    """Autocast to a resolved dtype (none for float32): fp32 weights, matmuls in dtype."""
     if dtype == 'float32':
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=PTDTYPES[dtype])
@@ -306,15 +281,13 @@ def load_checkpoint(path, device='cpu'):
     except Exception as e:  # torch's own message would suggest unsafe loading: never say that
         raise ValueError(f"'{path}' is not a nanoTLD checkpoint (torch.load with weights_only "
                          f"failed: {type(e).__name__})") from None
-    missing = {'model', 'model_args'} - set(ckpt if isinstance(ckpt, dict) else {})
-    if missing:
+    if missing := {'model', 'model_args'} - set(ckpt if isinstance(ckpt, dict) else {}):
         raise ValueError(f"'{path}' is not a nanoTLD checkpoint: missing {sorted(missing)}")
     return ckpt
 
 
 def denoiser_from_checkpoint(ckpt, ema=True):
-    """Rebuild the Denoiser from the args stored in a checkpoint, with its EMA weights by
-    default."""
+    """The Denoiser of a checkpoint, with its EMA weights by default."""
     model = Denoiser(**ckpt['model_args'])
     state = ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model']
     model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in state.items()})
@@ -322,13 +295,13 @@ def denoiser_from_checkpoint(ckpt, ema=True):
 
 
 def finetune_from(ckpt, image_size, cond_channels, dropout=0.0):
-    """A checkpoint's EMA model to fine-tune at image_size (H, W), with cond_channels inputs:
-    the positional table is resized (bilinear: the new grid starts where the old one was) and new
+    """A checkpoint's EMA model to fine-tune at image_size (H, W) with cond_channels inputs: new
     input channels start at zero, so step 0 computes what the old model did. -> (model, args)."""
     model = denoiser_from_checkpoint(dict(ckpt, model_args={**ckpt['model_args'],
                                                             'dropout': dropout})).train()
     H, W = image_size
-    model.resize_pos_emb((H, W))  # the same size keeps the same values
+    grid = (H // model.patch_size, W // model.patch_size)  # the same size keeps the same values
+    model.pos_emb = nn.Parameter(resize_positional_table(model.pos_emb.data, grid))
     if model.cond_channels == 0 and cond_channels > 0:
         model.widen_input(cond_channels)
     args = dict(ckpt['model_args'], image_size=H if H == W else (H, W),

@@ -1,21 +1,16 @@
 """
-Images and captions -> what train.py reads: latents, text embeddings and captions of a training
-and a validation split (the emoji set adds a held-out one: data/emoji/README.md), and meta.json.
-Sources: the emoji set, a folder of images (captions in same-named .txt files, or a captions.csv
-or .jsonl), webdataset shards, or a list of image URLs (downloaded with img2dataset).
+Images and captions -> what train.py reads: per split (train and val; the emoji set adds a held-out
+one, data/emoji/README.md) latents.npy (N, C, H, W), text_emb.npy (N, D) and captions.jsonl, a row
+per image-caption pair, and meta.json; skipped.jsonl says what was skipped and why. Each batch is a
+checkpoint: a killed command, run again, resumes and ends with the bytes of an uninterrupted run.
 
     python prepare.py --source=emoji             # pixel space + minilm -> data/prepared/emoji32
     python prepare.py --source=folder --input=pics/ --image_size=256 --vae=stabilityai/sd-vae-ft-ema
     python prepare.py --source=wds --input='shards/{00000..00009}.tar' --image_size=256 --vae=...
-    python prepare.py --source=urls --input=urls.parquet --image_size=256 --vae=...
 
-Each batch is a checkpoint: a killed command, run again, resumes and ends with the bytes of an
-uninterrupted run. Per split (file prefix '', val_, heldout_) a row per image-caption pair:
-latents.npy (N, C, H, W) float16, float32 or uint8, text_emb.npy (N, D) float16, captions.jsonl;
-skipped.jsonl says what was skipped and why. From Python:
-
-    prepare(source='folder', input='pics/', image_size=64)  # the settings below, by keyword
-    data = load_prepared('data/prepared/emoji32')  # memmaps: x = data.to_tensor(data.latents[i])
+A list of image URLs: download it first into webdataset shards (pip install img2dataset), then wds:
+    img2dataset --url_list=urls.parquet --output_format=webdataset --output_folder=shards \
+        --image_size=256 --resize_mode=center_crop --caption_col=caption
 """
 import contextlib
 import csv
@@ -26,7 +21,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import sys
 import tarfile
 import time
@@ -44,9 +38,8 @@ from model import PTDTYPES
 
 # -----------------------------------------------------------------------------
 # default config values
-source = 'emoji'  # emoji | folder | wds | urls
-input = ''  # emoji: its dir (data/emoji) | folder: a dir | wds: a .tar, a dir of them or
-#             'a/{000..009}.tar' | urls: a .parquet/.csv/.tsv/.jsonl list
+source = 'emoji'  # emoji | folder | wds
+input = ''  # emoji: data/emoji | folder: a dir | wds: .tar(s), a dir of them, 'a/{0..9}.tar'
 out_dir = ''  # '' -> data/prepared/emoji<image_size>, or data/prepared/<name of the input>
 text_encoder = 'minilm'  # minilm | clip:ViT-L/14 | a hub name or local dir (encoders.TextEncoder)
 vae = 'none'  # none: pixel space | a diffusers AutoencoderKL or a TAESD dir (encoders.ImageCodec)
@@ -55,23 +48,20 @@ min_image_size = None  # skip images whose shorter side is below this; None: ima
 batch_size = 64  # images per encoding step, and per resume checkpoint
 device = 'auto'  # auto: cuda when there is one
 dtype = 'auto'  # the encoders' precision: auto | float32 | bfloat16 | float16
-latent_dtype = 'float16'  # float16 | float32 | uint8 (quantized; the scale is in meta.json)
+latent_dtype = 'float16'  # float16 | float32
 empty_caption = 'skip'  # skip | error: what to do with an item that has no caption
-val_count = 256  # folder/wds/urls: items held out for validation, evenly spread (at most a tenth)
+val_count = 256  # folder/wds: items held out for validation, evenly spread (at most a tenth)
 limit = 0  # only the first N items (0: all)
 num_workers = 4  # threads decoding images
-url_col = 'url'  # urls (and captions.csv): the column names
-caption_col = 'caption'
-download_processes = 1  # urls: img2dataset's processes and threads per process
-download_threads = 32
+caption_col = 'caption'  # a folder's captions.csv/.jsonl: the caption column
 overwrite = False  # start over, replacing what out_dir holds (else resume, or refuse new settings)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
 # what the output depends on; batch_size, device and threads do not change it
 SIGNATURE = ('source', 'input', 'text_encoder', 'vae', 'image_size', 'min_image_size', 'dtype',
-             'latent_dtype', 'empty_caption', 'val_count', 'limit', 'url_col', 'caption_col')
-CHOICES = {'source': ('emoji', 'folder', 'wds', 'urls'), 'empty_caption': ('skip', 'error'),
-           'latent_dtype': ('float16', 'float32', 'uint8'), 'dtype': ('auto', *PTDTYPES)}
+             'latent_dtype', 'empty_caption', 'val_count', 'limit', 'caption_col')
+CHOICES = {'source': ('emoji', 'folder', 'wds'), 'empty_caption': ('skip', 'error'),
+           'latent_dtype': ('float16', 'float32'), 'dtype': ('auto', *PTDTYPES)}
 SPLITS = {'train': ('', 'n'), 'val': ('val_', 'n_val'), 'heldout': ('heldout_', 'n_heldout')}
 ARRAYS = ('latents.npy', 'text_emb.npy', 'captions.jsonl')  # per split, after its prefix
 IMAGE_EXTS = frozenset({'jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff'})
@@ -93,10 +83,8 @@ def write_json(path, obj):
 # ----- reading the output -----
 
 class Prepared:
-    """A prepare.py output dir, opened for reading: .meta, and per split (prefix '', val_,
-    heldout_; heldout_* None without one) the memmaps latents (N, C, H, W), unscaled, and
-    text_emb (N, D), and the captions, read on first use. A missing or inconsistent file, an empty
-    split or a NaN or inf in a sample of the rows is a one-line error naming the file."""
+    """A prepare.py output dir: .meta, and per split (prefix '', val_, heldout_: None without one)
+    memmaps latents (N, C, H, W), unscaled, and text_emb (N, D), and captions read on first use."""
     captions = functools.cached_property(lambda self: self._captions(''))
     val_captions = functools.cached_property(lambda self: self._captions('val_'))
     heldout_captions = functools.cached_property(lambda self: self._captions('heldout_'))
@@ -144,45 +132,36 @@ class Prepared:
         return captions
 
     def to_tensor(self, rows, device='cpu'):
-        """Rows of latents or text_emb -> float32 on device, uint8 latents de-quantized."""
-        rows = np.asarray(rows)
-        rows = rows if rows.flags.writeable else rows.copy()  # a memmap view is read-only
-        x = torch.from_numpy(rows).to(device).float()  # move the small dtype, convert there
-        q = self.meta.get('quantization') if rows.dtype == np.uint8 else None
-        return x if q is None else x * q['scale'] + q['offset']
+        """Rows of latents or text_emb (a memmap's, read-only) -> a float32 copy on device."""
+        return torch.tensor(np.asarray(rows)).to(device).float()  # sent small, converted there
 
 
 load_prepared = Prepared  # data = load_prepared('data/prepared/emoji32')
 
 
 def latent_norm(meta):
-    """(shift, scale), each (C|1, 1, 1): model space = (latents - shift) · scale, the denoiser's
-    roughly unit-variance input. A codec's own scale_factor, or per channel as measured here."""
+    """(shift, scale), each (C|1, 1, 1): model space = (latents - shift) · scale, ~unit variance."""
     return tuple(torch.tensor(meta.get(k, v), dtype=torch.float32).reshape(-1, 1, 1)
                  for k, v in (('latent_shift', 0.0), ('scale_factor', 1.0)))
 
 
 def incompatibility(ckpt_meta, data, strict=True):
-    """Why a checkpoint cannot train on, or be scored with, this prepared data (its text encoder,
-    text width or image codec differ), or None. strict=False skips what a checkpoint lacks."""
+    """Why a checkpoint's encoders differ from this data's, or None; strict=False skips unknowns."""
     for key in ('text_encoder', 'text_dim', 'vae'):
         if (strict or key in ckpt_meta) and data.meta.get(key) != ckpt_meta.get(key):
             return (f"{data.data_dir} has {key}={data.meta.get(key)!r} but the checkpoint was "
                     f"trained with {key}={ckpt_meta.get(key)!r}")
-    return None
 
 
-# ----- the sources: source(c) -> (items, n_items, skipped). items: (key, load) in the same order
-# each time, so that a rerun resumes at any index; load() -> (image (S, S, 3) uint8, {split:
-# [captions]}), or raises Skip; skipped: (key, reason) known before any image is read.
+# ----- the sources: source(c) -> (items, n_items, skipped [(key, reason)]); items: (key, load) in
+# a fixed order, to resume at an index; load() -> ((S, S, 3) uint8, {split: [captions]}) or Skip
 
 class Skip(Exception):
     """An item that is skipped and counted: undecodable, too small, no caption, not downloaded."""
 
 
 def read_image(f, size, min_size):
-    """An image file (path or file object) -> (H, W, 3) uint8 RGB for size (H, W) or S (S x S):
-    transparency onto white, scaled to cover, a centre crop. Raises Skip for what cannot be used."""
+    """An image (path or file) -> (H, W, 3) uint8 RGB, size (H, W) or S: on white, centre crop."""
     H, W = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(f) as im:
@@ -222,8 +201,7 @@ def emoji_source(c):
 
 
 def _load(image, captions, size, min_size):
-    """A folder or wds item's load(), in a loader thread: the captions (None: the image path's
-    same-named .txt) cleaned, then the image read if a caption is left."""
+    """A folder or wds item's load(): its captions (None: the image's .txt), then its image."""
     if captions is None:
         txt = os.path.splitext(image)[0] + '.txt'
         captions = [open(txt, encoding='utf-8', errors='replace').read()] \
@@ -234,50 +212,38 @@ def _load(image, captions, size, min_size):
     return read_image(image, size, min_size), dict(train=[x for x in captions if x])
 
 
-def _caption_table(root, caption_col):
-    """{image path relative to root: [captions]} from root/captions.csv or .jsonl, or None."""
-    path = next((p for p in (os.path.join(root, f'captions.{x}') for x in ('csv', 'jsonl'))
-                 if os.path.isfile(p)), None)
-    if path is None:
-        return None
-    with open(path, newline='', encoding='utf-8') as f:
-        try:
-            rows = list(csv.DictReader(f)) if path.endswith('.csv') else [
-                json.loads(line) for line in f if line.strip()]
-        except json.JSONDecodeError as e:
-            fail(f"{path}: a line is not JSON ({e})")
-    columns = set(rows[0]) if rows else set()
-    file_col = next((k for k in ('file', 'file_name', 'image', 'path') if k in columns), None)
-    cap_col = next((k for k in (caption_col, 'caption', 'text') if k in columns), None)
-    if rows and None in (file_col, cap_col):
-        fail(f"{path}: needs a file column (file, file_name, image or path) and a caption column "
-             f"({caption_col} or text), has {sorted(columns)}")
-    table = {}
-    for r in rows:
-        table.setdefault(os.path.normpath(str(r[file_col])), []).append(r[cap_col] or '')
-    return table
-
-
 def folder_source(c):
+    """Images under --input, captioned by captions.csv/.jsonl (file, caption_col) or their .txt."""
     if not os.path.isdir(c.input):
-        fail(f"--input={c.input}: no such directory" if c.input else
-             "--source=folder needs --input=DIR, a directory of images")
+        fail(f"--input={c.input}: no such directory")
     files = sorted(os.path.relpath(os.path.join(d, f), c.input) for d, _, names in
                    os.walk(c.input) for f in names if f.rsplit('.', 1)[-1].lower() in IMAGE_EXTS)
-    table = _caption_table(c.input, c.caption_col)
-    skipped = [(f, 'missing file') for f in table or ()  # listed but not there
-               if not os.path.isfile(os.path.join(c.input, f))]
+    table, skipped = None, []
+    paths = [os.path.join(c.input, f'captions.{x}') for x in ('csv', 'jsonl')]
+    if path := next(filter(os.path.isfile, paths), None):
+        with open(path, newline='', encoding='utf-8') as f:
+            try:
+                rows = list(csv.DictReader(f)) if path.endswith('.csv') else [
+                    json.loads(line) for line in f if line.strip()]
+            except json.JSONDecodeError as e:
+                fail(f"{path}: a line is not JSON ({e})")
+        if rows and not {'file', c.caption_col} <= set(rows[0]):
+            fail(f"{path}: needs the columns file and {c.caption_col}, has {sorted(rows[0])}")
+        table = {}
+        for r in rows:
+            table.setdefault(os.path.normpath(str(r['file'])), []).append(r[c.caption_col] or '')
+        skipped = [(f, 'missing file') for f in table  # listed but not there
+                   if not os.path.isfile(os.path.join(c.input, f))]
     captions = lambda f: None if table is None else table.get(os.path.normpath(f), [])
     return [(f, functools.partial(_load, os.path.join(c.input, f), captions(f), c.image_size,
                                   c.min_image_size)) for f in files], len(files), skipped
 
 
-def wds_source(c, spec=None, skipped=()):
+def wds_source(c):
     import webdataset as wds
     from braceexpand import braceexpand  # a dependency of webdataset
     from webdataset.tariterators import base_plus_ext
-    if not (spec := spec or c.input):
-        fail("--source=wds needs --input: a .tar, a dir of them or a pattern 'a/{000..009}.tar'")
+    spec = c.input
     shards = sorted(glob.glob(os.path.join(spec, '*.tar'))) if os.path.isdir(spec) else \
         list(braceexpand(spec))
     if not shards or (missing := [s for s in shards if not os.path.isfile(s)]):
@@ -306,56 +272,19 @@ def wds_source(c, spec=None, skipped=()):
     ds = wds.WebDataset(shards, shardshuffle=False, handler=wds.warn_and_continue,
                         empty_check=False)  # read lazily: a resumed run skips to its item
     return ((f"{os.path.basename(s.get('__url__', ''))}/{s['__key__']}",
-             functools.partial(load, s)) for s in ds), n, list(skipped)
-
-
-def urls_source(c):
-    """img2dataset downloads the list into out_dir/shards, read then as --source=wds (a resumed run
-    reads those it downloaded); failed downloads are skipped."""
-    path, fmt = c.input, c.input.rsplit('.', 1)[-1].lower()
-    if not os.path.isfile(path) or fmt not in ('parquet', 'csv', 'tsv', 'jsonl'):
-        fail(f"--input={path}: " + ("no such file" if path and not os.path.isfile(path) else
-                                    "expected a .parquet, .csv, .tsv or .jsonl list of urls"))
-    try:
-        import pyarrow.parquet as pq
-        from img2dataset import download
-    except ImportError:
-        fail("--source=urls needs img2dataset (pip install -r requirements.txt)")
-    with open(path, newline='', encoding='utf-8') as f:
-        columns = pq.read_schema(path).names if fmt == 'parquet' else \
-            list(json.loads(f.readline() or '{}')) if fmt == 'jsonl' else \
-            next(csv.reader(f, delimiter='\t' if fmt == 'tsv' else ','), [])
-    for key in ('url_col', 'caption_col'):
-        if getattr(c, key) not in columns:
-            fail(f"{path}: no column '{getattr(c, key)}' (has {columns}); set --{key}")
-    shards, failed = os.path.join(c.out_dir, 'shards'), []
-    if not os.path.isfile(os.path.join(c.out_dir, 'progress.json')):  # a new run
-        shutil.rmtree(shards, ignore_errors=True)
-        os.makedirs(shards)
-        os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations would ask PyPI
-        download(url_list=path, output_folder=shards, input_format=fmt, url_col=c.url_col,
-                 caption_col=c.caption_col, output_format='webdataset', image_size=c.image_size,
-                 resize_mode='center_crop', min_image_size=c.min_image_size,
-                 processes_count=c.download_processes, thread_count=c.download_threads,
-                 number_sample_per_shard=10_000, enable_wandb=False)
-        for p in sorted(glob.glob(os.path.join(shards, '*.parquet'))):  # every url's status
-            rows = pq.read_table(p, columns=['url', 'status', 'error_message']).to_pylist()
-            failed += [(r['url'], f"download failed ({r['error_message']})") for r in rows
-                       if r['status'] != 'success']
-    return wds_source(c, shards, failed)
+             functools.partial(load, s)) for s in ds), n, []
 
 
 # ----- writing, resumably -----
 
 class Writer:
-    """The output files, each appended to. checkpoint() saves the run's state with each file's
-    length to progress.json; a rerun cuts each file there, so what a killed run wrote past it is
-    written again. finish() writes the .npy headers, then meta.json."""
+    """The output files, appended to. checkpoint() saves the run's state and each file's length to
+    progress.json, where a rerun cuts the file; finish() writes the .npy headers, then meta.json."""
 
     def __init__(self, out_dir, state, latent_shape, latent_dtype, text_dim):
         self.out_dir, self.state, self.skip_counts = out_dir, state, Counter(state['skip_counts'])
-        self.row = {'latents.npy': (np.dtype(latent_dtype), latent_shape),  # dtype and shape
-                    'text_emb.npy': (np.dtype('float16'), (text_dim,))}
+        self.row = {'latents.npy': (np.dtype(latent_dtype).str, latent_shape),  # dtype, shape
+                    'text_emb.npy': (np.dtype('float16').str, (text_dim,))}
         self.files = {(s, f): SPLITS[s][0] + f for s in state['rows'] for f in ARRAYS}
         self.files[None, 'skipped.jsonl'] = 'skipped.jsonl'
         for key, name in self.files.items():
@@ -365,8 +294,7 @@ class Writer:
             except OSError as e:
                 fail(f"cannot resume: {e}; pass --overwrite=True to start over")
             f.truncate(nbytes)
-            f.seek(nbytes)
-            f.write(b' ' * 128 if key[1] in self.row and not nbytes else b'')  # the header's place
+            f.seek(nbytes or (128 if key[1] in self.row else 0))  # a new .npy: past its header
 
     def write(self, split, latents, text_emb, records):
         """Rows: (R, C, H, W) latents, (R, D) text embeddings, R {caption, key} records."""
@@ -378,9 +306,8 @@ class Writer:
 
     def skip(self, key, reason):
         """A line in skipped.jsonl, counted by reason; the first 10 are shown."""
-        if (shown := sum(self.skip_counts.values())) <= 10:
-            tqdm.write(f"warning: skipped {key}: {reason}" if shown < 10 else "warning: further "
-                       "skipped items are counted, not shown (all are in skipped.jsonl)")
+        if sum(self.skip_counts.values()) < 10:
+            tqdm.write(f"warning: skipped {key}: {reason}")
         self.skip_counts[reason.split(' (')[0]] += 1
         self.files[None, 'skipped.jsonl'].write(json.dumps(
             dict(key=key, reason=reason), ensure_ascii=False).encode() + b'\n')
@@ -396,26 +323,13 @@ class Writer:
         for (split, kind), f in self.files.items():
             if kind in self.row:  # a version 1.0 header of 128 bytes: magic, length, the dict
                 dt, shape = self.row[kind]
-                d = dict(descr=np.lib.format.dtype_to_descr(dt), fortran_order=False,
-                         shape=(self.state['rows'][split], *shape))
+                d = dict(descr=dt, fortran_order=False, shape=(self.state['rows'][split], *shape))
                 f.seek(0)
                 f.write(np.lib.format.magic(1, 0) + (118).to_bytes(2, 'little') +
                         repr(d).ljust(117).encode() + b'\n')
             f.close()
         write_json(os.path.join(self.out_dir, 'meta.json'), meta)  # it marks the run finished
         os.remove(os.path.join(self.out_dir, 'progress.json'))
-
-
-def quantize(z, q, pixel_space):
-    """float latents -> (uint8 codes, q): z ≈ codes·q['scale'] + q['offset']. q None: the range is
-    this batch's with half of it spare on each side (pixels: [-1, 1], exact); clips are counted."""
-    if q is None:
-        lo, hi = (-1.0, 1.0) if pixel_space else (float(z.min()), float(z.max()))
-        q = dict(scale=2 / 255, offset=-1.0, clipped=0) if pixel_space \
-            else dict(scale=2 * (hi - lo) / 255, offset=lo - (hi - lo) / 2, clipped=0)
-    codes = np.rint((z - q['offset']) / q['scale'])
-    q['clipped'] += int(((codes < 0) | (codes > 255)).sum())
-    return np.clip(codes, 0, 255).astype(np.uint8), q
 
 
 # ----- the run -----
@@ -432,24 +346,35 @@ def _settings(overrides):
     if c.image_size < 8 or c.batch_size < 1 or c.val_count < 1:
         fail(f"--image_size={c.image_size}, --batch_size={c.batch_size} and --val_count="
              f"{c.val_count}: expected at least 8, 1 and 1")
+    if c.source != 'emoji' and not c.input:
+        fail(f"--source={c.source} needs --input (a dir or .tar shards)")
     c.min_image_size = c.image_size // 2 if c.min_image_size is None else c.min_image_size
     c.device = ('cuda' if torch.cuda.is_available() else 'cpu') if c.device == 'auto' else c.device
     if c.device.startswith('cuda') and not torch.cuda.is_available():
         fail(f"--device={c.device}: no CUDA device here (--device=cpu, or auto)")
-    if not c.out_dir:
-        name = f'emoji{c.image_size}' if c.source == 'emoji' else \
-            os.path.basename(os.path.normpath(c.input)).split('.')[0].split('{')[0] or c.source
-        c.out_dir = os.path.join('data', 'prepared', name)
+    name = os.path.basename(os.path.normpath(c.input)).split('.')[0].split('{')[0] or c.source
+    name = f'emoji{c.image_size}' if c.source == 'emoji' else name
+    c.out_dir = c.out_dir or os.path.join('data', 'prepared', name)
     return c
 
 
-def _rows(c, items, futures, n_items, writer):
+def _batches(pool, items, n, depth=2):
+    """(items, futures of their load()) n at a time, `depth` batches loading ahead."""
+    pending = deque()
+    while batch := list(itertools.islice(items, n)):
+        pending.append((batch, [pool.submit(load) for _, load in batch]))
+        if len(pending) > depth:
+            yield pending.popleft()
+    yield from pending
+
+
+def _rows(c, batch, futures, n_items, writer):
     """A batch's usable images and {split: [(image index, caption, key)]}. A validation item that
     is skipped passes its place on to the next usable one, so that validation is never empty."""
     images, rows, state = [], {split: [] for split in writer.state['rows']}, writer.state
     n_val = 0 if c.source == 'emoji' else min(c.val_count, max(n_items // 10, 1))
-    for i, ((key, _), future) in enumerate(zip(items, futures), state['items_done']):
-        k = i * n_val // n_items  # held out: the middle item of the k-th of n_val equal stretches
+    for i, ((key, _), future) in enumerate(zip(batch, futures), state['items_done']):
+        k = i * n_val // n_items  # held out: the middle item of the k-th of n_val stretches
         val = n_val > 0 and (2 * k + 1) * n_items // (2 * n_val) == i
         try:
             image, captions = future.result()
@@ -468,22 +393,9 @@ def _rows(c, items, futures, n_items, writer):
     return images, rows
 
 
-def _batches(pool, items, n, depth=2):
-    """(items, futures of their load()) n items at a time, `depth` batches loading ahead in the
-    threads, so that decoding overlaps encoding."""
-    pending = deque()
-    while True:
-        if batch := list(itertools.islice(items, n)):
-            pending.append((batch, [pool.submit(load) for _, load in batch]))
-        if not pending:
-            return
-        if len(pending) > depth or not batch:  # at the end: what is left, in order
-            yield pending.popleft()
-
-
 def _encode(c, items, n_items, writer, text, codec):
     """Encode the items batch by batch from the last checkpoint on; each batch is a checkpoint."""
-    state, t_run = writer.state, time.time()
+    state, t0 = writer.state, time.time() - writer.state['seconds']  # counts across resumes
     items = itertools.islice(items, state['items_done'], n_items)
     with ThreadPoolExecutor(c.num_workers) as pool, tqdm(
             total=n_items, initial=state['items_done'], unit='img', dynamic_ncols=True) as bar:
@@ -495,45 +407,37 @@ def _encode(c, items, n_items, writer, text, codec):
                 m = np.stack([np.full(z.shape[1], z[:, 0].size), z.sum((0, 2, 3), np.float64),
                               np.square(z, dtype=np.float64).sum((0, 2, 3))])  # per channel
                 state['moments'] = (m + np.array(state['moments'] or 0)).tolist()
-                if c.latent_dtype == 'uint8':
-                    z, state['quantization'] = quantize(z, state['quantization'], c.vae == 'none')
                 for split, r in rows.items():
                     emb = text([cap for _, cap, _ in r]).cpu().numpy()  # (R, D)
                     writer.write(split, z[[j for j, _, _ in r]], emb,
                                  [dict(caption=cap, key=key) for _, cap, key in r])
             state['items_done'] += len(batch)
-            writer.checkpoint(seconds=state['seconds'] + time.time() - t_run)
-            t_run = time.time()
+            writer.checkpoint(seconds=time.time() - t0)
             bar.update(len(batch))
-            bar.set_postfix(rows=state['rows']['train'], val=state['rows']['val'],
-                            skipped=sum(writer.skip_counts.values()))
+            bar.set_postfix(**state['rows'], skipped=sum(writer.skip_counts.values()))
 
 
 def prepare(**overrides):
-    """The whole run with the settings above, overridden by keyword as on the command line
-    (prepare(source='folder', input='photos/')). Returns meta.json's contents."""
+    """The whole run, the settings above overridden by keyword (source='folder', ...) -> meta."""
     t_start, c = time.time(), _settings(overrides)
     signature = {k: getattr(c, k) for k in SIGNATURE}
     signature['input'] = os.path.abspath(c.input) if c.input and '{' not in c.input else c.input
-    # an interrupted run (progress.json) resumes, a finished one (meta.json) is done
-    path = next((p for p in (os.path.join(c.out_dir, f) for f in ('progress.json', 'meta.json'))
-                 if os.path.isfile(p)), None)
+    paths = [os.path.join(c.out_dir, f) for f in ('progress.json', 'meta.json')]
+    path = next(filter(os.path.isfile, paths), None)  # unfinished: resume; finished: done
     previous = None if c.overwrite or path is None else json.load(open(path, encoding='utf-8'))
-    if previous is not None and previous.get('settings') != signature:
-        old = previous.get('settings') or {}
+    if previous is not None and (old := previous.get('settings') or {}) != signature:
         diff = ', '.join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in signature.items()
                          if old.get(k) != v)
         fail(f"{c.out_dir} holds a run with other settings ({diff}): pass --overwrite=True to "
              f"replace it, or another --out_dir")
     if previous is not None and 'items_done' not in previous:
-        print(f"{c.out_dir} is already prepared ({previous['n']} rows, {previous['n_val']} val): "
-              f"nothing to do")
+        print(f"{c.out_dir}: already prepared ({previous['n']} rows, {previous['n_val']} val)")
         return previous
     for f in ['meta.json', 'progress.json', 'skipped.jsonl'] + [  # a new run: no old outputs
             p + a for p, _ in SPLITS.values() for a in ARRAYS] if previous is None else []:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(c.out_dir, f))
-    sources = dict(emoji=emoji_source, folder=folder_source, wds=wds_source, urls=urls_source)
+    sources = dict(emoji=emoji_source, folder=folder_source, wds=wds_source)
     items, n_items, skipped = sources[c.source](c)
     if (n_items := min(n_items, c.limit or n_items)) < (1 if c.source == 'emoji' else 2):
         fail(f"--input={c.input or EMOJI_DIR}: {n_items} images found, too few to validate on one")
@@ -546,10 +450,10 @@ def prepare(**overrides):
     if c.image_size % codec.downsample:
         fail(f"--image_size={c.image_size}: not a multiple of the vae's factor {codec.downsample}")
     latent_shape = (codec.channels, *[c.image_size // codec.downsample] * 2)
-    splits = list(SPLITS) if c.source == 'emoji' else ['train', 'val']
-    state = previous or dict(settings=signature, n_items=n_items, items_done=0, val_owed=0,
-                             moments=None, rows=dict.fromkeys(splits, 0), bytes={},
-                             skip_counts={}, quantization=None, seconds=0.0)
+    state = previous or dict(
+        settings=signature, n_items=n_items, items_done=0, val_owed=0, moments=None, bytes={},
+        rows=dict.fromkeys(SPLITS if c.source == 'emoji' else ('train', 'val'), 0),
+        skip_counts={}, seconds=0.0)
     writer = Writer(c.out_dir, state, latent_shape, c.latent_dtype, text.dim)
     if previous is not None:
         print(f"resuming {c.out_dir} at item {state['items_done']} of {n_items}")
@@ -561,27 +465,24 @@ def prepare(**overrides):
 
 def _finish(c, writer, text, codec, latent_shape, seconds):
     state, counts = writer.state, writer.skip_counts
-    for split in ('train', 'val'):
-        if state['rows'][split] == 0:
-            fail(f"no usable items for the {split} split in --input={c.input or EMOJI_DIR}: "
-                 f"skipped {dict(counts)} (see {os.path.join(c.out_dir, 'skipped.jsonl')})")
+    if empty := [split for split in ('train', 'val') if not state['rows'][split]]:
+        fail(f"no usable items for the {empty[0]} split in --input={c.input or EMOJI_DIR}: "
+             f"skipped {dict(counts)} (see {os.path.join(c.out_dir, 'skipped.jsonl')})")
     n, s1, s2 = np.array(state['moments'])  # per channel: values, sum, sum of squares
     mean = s1 / n  # a codec without a known scale gets unit variance per channel
     shift, scale = ((mean.tolist(), (1 / np.sqrt(s2 / n - mean ** 2)).tolist())
                     if codec.scale_factor is None else (0.0, codec.scale_factor))
-    meta = dict(
-        source=c.source, input=state['settings']['input'], text_encoder=text.name,
-        text_dim=text.dim, vae=codec.name, scale_factor=scale, latent_shift=shift,
-        latent_shape=list(latent_shape), image_size=c.image_size,
-        **{SPLITS[split][1]: n for split, n in state['rows'].items()},
-        latent_dtype=c.latent_dtype, text_dtype='float16', quantization=state['quantization'],
-        items=state['items_done'], skipped=dict(total=sum(counts.values()), by_reason=dict(counts)),
-        settings=state['settings'], seconds=round(state['seconds'], 2),
-        items_per_s=round(state['items_done'] / max(state['seconds'], 1e-9), 1))
+    meta = dict(source=c.source, input=state['settings']['input'], text_encoder=text.name,
+                text_dim=text.dim, vae=codec.name, scale_factor=scale, latent_shift=shift,
+                latent_shape=list(latent_shape), image_size=c.image_size,
+                **{SPLITS[split][1]: n for split, n in state['rows'].items()},
+                latent_dtype=c.latent_dtype, text_dtype='float16', items=state['items_done'],
+                skipped=dict(total=sum(counts.values()), by_reason=dict(counts)),
+                settings=state['settings'], seconds=round(state['seconds'], 2),
+                items_per_s=round(state['items_done'] / max(state['seconds'], 1e-9), 1))
     writer.finish(meta)
     held = f" + {meta['n_heldout']} held-out" if 'n_heldout' in meta else ''
-    print(f"wrote {meta['n']} rows + {meta['n_val']} val rows{held} of latents {latent_shape} "
-          f"({c.latent_dtype}) and {text.name} embeddings ({text.dim}) to {c.out_dir} in "
+    print(f"wrote {meta['n']} rows + {meta['n_val']} val rows{held} to {c.out_dir} in "
           f"{seconds:.1f}s; skipped {sum(counts.values())} items {dict(counts) if counts else ''}")
     return meta
 

@@ -1,20 +1,14 @@
 """
-Sample images from a trained nanoTLD model; the generation library that train.py, eval.py and
-bench.py import, with the command line under `if __name__ == '__main__'` at the end.
+Sample images from a trained nanoTLD model into PNG grids in the run's samples/, named by what
+made them, never over an earlier one: the library train.py, eval.py and bench.py use, and its CLI.
 
-    python sample.py --out_dir=out-tiny --prompt "a cute owl" --cfg 7
-    python sample.py --out_dir=out-tiny --prompt "a cat" "a dog" --n=8 --seed=11   # a row each
+    python sample.py --out_dir=out-tiny --prompt "a cute owl" "a dog" --n=8 --size 64  # a row each
     python sample.py --out_dir=out-tiny --prompt_file=prompts.txt --individual     # a row a line
     python sample.py --ckpt=out-tiny/ckpt.pt --prompt "a cat" --negative "a red cat" --sampler=ddim
     python sample.py --out_dir=out-tiny --interp "a cat" "a dog" --frames 8  # walk in text space
     python sample.py --out_dir=out-tiny --prompt "a cat" --interp_seeds 1 2   # walk between noises
-    python sample.py --out_dir=out-tiny --prompt "a cat" --size 64            # an untrained size
     python sample.py --out_dir=out-tiny-outpaint --prompt "a tree" --outpaint right --repeat 4
     python sample.py --out_dir=out-tiny-outpaint --prompt "a tree" --init_image in.png --mask m.png
-
-It writes a PNG grid (--individual: each image too) to the run's samples/, named by what made it,
-never over an earlier run's: a second run adds -1, -2. Image j of every prompt starts from the noise
-of seed + j, so the same arguments give the same images.
 
     from sample import load_pipeline, generate_images, save_grid
     pipe = load_pipeline('out-tiny', device='cpu')                  # a run dir or a ckpt file
@@ -29,10 +23,8 @@ import re
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from configurator import configure, fail
 from diffusion import SAMPLERS, generate, lerp, make_mask, slerp, trained_size
@@ -54,13 +46,12 @@ seed = 0  # image j of every prompt starts from the noise of seed + j
 steps = 15
 sampler = ''  # '' = the checkpoint's: dpmpp2m, or consistency for a few-step model; or ddim
 size = ()  # pixels, H [W]: a grid other than the trained one (positions resized); () = trained
-# interpolation: a strip of `frames` images per row, one row per image (--n)
 interp = []  # two prompts: walk from the first to the second in text-embedding space, noise fixed
 interp_seeds = []  # two seeds: walk (slerp) from the first's noise to the second's, prompt fixed
-frames = 8
+frames = 8  # interpolation: a strip of `frames` images per row, one row per image (--n)
 # outpainting and inpainting, with an outpainting fine-tune (a model with cond_channels = C+1)
 init_image = ''  # the image to extend or fill; without one, --outpaint starts from a generated one
-mask = ''  # a mask image, white = generate, black = keep
+mask = ''  # a mask image, read as --init_image is: white (or transparent) = generate, black = keep
 outpaint = ''  # 'right', 'left', 'up' or 'down': slide the canvas by half and fill the new half
 repeat = 1  # outpaint this many times in a row: a panorama
 out = ''  # the grid's path, replaced if it exists; default: a new file in the run's samples/
@@ -74,18 +65,15 @@ batch_size = 64  # images per denoiser forward (x2 with guidance: both halves go
 
 
 class Pipeline:
-    """A trained denoiser with the frozen text encoder and image codec its data was prepared with.
-    The three phases are separate methods so that they can be timed on their own (bench.py)."""
+    """A trained denoiser with the frozen text encoder and image codec of its training data."""
 
     def __init__(self, model, text_encoder, codec, norm=None, device='cpu', dtype='auto'):
-        self.model, self.text_encoder, self.codec = model, text_encoder, codec
-        self.norm, self.device = norm, device  # prepare.latent_norm: model space <-> latents
-        self.dtype = resolve_dtype(dtype, device)
+        self.model, self.text_encoder, self.codec, self.device = model, text_encoder, codec, device
+        self.norm, self.dtype = norm, resolve_dtype(dtype, device)  # norm: prepare.latent_norm's
         self.ctx = autocast(device, self.dtype)  # the denoiser only: the sampler's math is fp32
 
     def latent_shape(self, size=None):
-        """(C, h, w) in model space for images of `size` pixels, an int or (H, W), default the
-        trained size; a ValueError unless a multiple of patch_size × the codec's downsampling."""
+        """(C, h, w) in model space for images of `size` pixels: an int, (H, W) or None: trained."""
         C, ds, p = self.model.n_channels, self.codec.downsample, self.model.patch_size
         if size is None:
             return (C, *trained_size(self.model))
@@ -99,14 +87,12 @@ class Pipeline:
         """(H, W) in pixels of the images decoded from model-space tensors of shape (C, h, w)."""
         return shape[1] * self.codec.downsample, shape[2] * self.codec.downsample
 
-    @torch.no_grad()
     def encode_text(self, prompts):
         """list of str -> (B, D_text) float32 on the pipeline's device."""
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder: pass text embeddings instead")
         return self.text_encoder(list(prompts)).float().to(self.device)
 
-    @torch.no_grad()
     def encode_image(self, img):
         """(B, 3, H, W) in [-1, 1] -> model space, (latents - shift) · scale."""
         z = self.codec.encode(img.to(self.device)).float()
@@ -115,16 +101,14 @@ class Pipeline:
     @torch.no_grad()
     def sample_latents(self, text_emb, noise, cfg=7.0, steps=15, sampler='dpmpp2m', uncond_emb=None,
                        known=None, mask=None, batch_size=64, cfg_min_sigma=0.2):
-        """noise (B, C, h, w) -> x0 (B, C, h, w) in model space for text_emb (B, D_text), as
-        diffusion.generate. uncond_emb (1 or B, D_text): a negative prompt. known, mask (1 =
-        generate): outpainting; an outpainting model asked for a plain image generates all."""
-        if uncond_emb is not None:
-            uncond_emb = uncond_emb.expand_as(text_emb)
-        if self.model.cond_channels and known is None:
+        """noise (B, C, h, w) -> x0 in model space for text_emb (B, D_text), as diffusion.generate.
+        uncond_emb (a negative prompt), known, mask (1 = generate): outpainting; batch 1 or B."""
+        if self.model.cond_channels and known is None:  # an outpainting model, a plain image
             known, mask = torch.zeros_like(noise), torch.ones_like(noise[:, :1])
+        full = lambda t: t.expand(len(noise), *t.shape[1:])  # batch 1: the same for all
         out = []
-        for i in range(0, len(text_emb), batch_size):
-            part = lambda t: None if t is None else t[i:i + batch_size].to(self.device)
+        for i in range(0, len(noise), batch_size):
+            part = lambda t: None if t is None else full(t)[i:i + batch_size].to(self.device)
             with self.ctx:
                 x0 = generate(self.model, part(text_emb), cfg=cfg, steps=steps, sampler=sampler,
                               noise=part(noise), uncond_emb=part(uncond_emb), known=part(known),
@@ -139,8 +123,7 @@ class Pipeline:
 
 def pipeline_from_checkpoint(ckpt, device='cpu', dtype='auto', compile=False, text_encoder=True,
                              source='checkpoint'):
-    """A Pipeline from a loaded checkpoint: the EMA denoiser, the image codec and (unless
-    text_encoder=False) the text encoder its data_meta names. Errors: one-line ValueErrors."""
+    """A Pipeline from a loaded checkpoint: its EMA denoiser, the encoders its data_meta names."""
     meta = ckpt.get('data_meta') or {}  # prepare.py's meta.json of the data it was trained on
     model = denoiser_from_checkpoint(ckpt, ema=True).to(device)
     encoder = TextEncoder(meta['text_encoder'], device, dtype) if text_encoder else None
@@ -153,24 +136,17 @@ def pipeline_from_checkpoint(ckpt, device='cpu', dtype='auto', compile=False, te
                     latent_norm(meta), device, dtype)
     pipe.info = (f"{model.num_params() / 1e6:.2f}M parameters, iter {ckpt.get('iter_num')}, "
                  f"text encoder '{meta.get('text_encoder')}', vae '{codec.name}'")
-    # what train.py made: a diffusion model, or a consistency-tuned one (with guidance baked in)
     pipe.sampler = 'consistency' if ckpt.get('objective') == 'consistency' else 'dpmpp2m'
-    pipe.baked_cfg = ckpt.get('baked_cfg') or 0.0
+    pipe.baked_cfg = ckpt.get('baked_cfg') or 0.0  # a consistency-tuned model's guidance, built in
     return pipe
 
 
 def compile_for_inference(model):
-    """torch.compile the model's forward for sampling, in place. On a CPU, inductor freezes the
-    weights (constants, prepacked once: never change them after the first call); the switch is
-    set around each call, as Dynamo reads it while tracing, not for the whole process."""
+    """torch.compile the model's forward for sampling, in place. On a CPU inductor freezes the
+    weights (never change them after the first call), set per call: Dynamo reads it in tracing."""
     import torch._inductor.config as inductor_config
-    forward = torch.compile(model.forward)
     freezing = next(model.parameters()).device.type == 'cpu'
-
-    def frozen_forward(*args, **kwargs):
-        with inductor_config.patch(freezing=freezing):
-            return forward(*args, **kwargs)
-    model.forward = frozen_forward
+    model.forward = inductor_config.patch(freezing=freezing)(torch.compile(model.forward))
     return model
 
 
@@ -191,14 +167,14 @@ def make_noise(seeds, shape):
 def generate_images(pipe, prompts, n=1, seed=0, negative='', size=None, image=None, mask=None,
                     **settings):
     """n images for each prompt, prompt-major; image j of every prompt from seed + j's noise.
-    image (1, 3, H, W) in [-1, 1] and mask (1, 1, h, w) on the model's grid: fill its 1s."""
+    image (1, 3, H, W) in [-1, 1], mask (1, 1, H, W): fill its 1s (a latent cell if any pixel)."""
     text = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (P·n, D_text)
     uncond = pipe.encode_text([negative]) if negative else None  # (1, D_text)
     shape = pipe.latent_shape(size if image is None else image.shape[2:])  # (C, h, w)
     noise = make_noise([seed + j for j in range(n)] * len(prompts), shape)
     if image is not None:  # inpainting: the image's latents where the mask is 0
-        settings.update(known=pipe.encode_image(image).expand(len(noise), *shape),
-                        mask=mask.expand(len(noise), 1, *shape[1:]))
+        settings.update(known=pipe.encode_image(image),
+                        mask=F.max_pool2d(mask.float(), pipe.codec.downsample))
     return pipe.decode(pipe.sample_latents(text, noise, uncond_emb=uncond, **settings))
 
 
@@ -218,9 +194,8 @@ def interpolate(pipe, prompts, n=1, frames=8, seed=0, seeds=None, size=None, neg
 
 def outpaint_images(pipe, prompts, direction, repeat=1, n=1, seed=0, image=None, size=None,
                     negative='', **settings):
-    """n panoramas for each prompt: image (1, 3, H, W) in [-1, 1], or one generated, extended
-    `repeat` times towards `direction`, each time by sliding the canvas by half and generating the
-    half it does not keep. Panorama j of each prompt draws from seed + j."""
+    """n panoramas per prompt: image (1, 3, H, W) in [-1, 1], or a generated one, extended `repeat`
+    times towards `direction` by half a canvas each; panorama j of each prompt from seed + j."""
     text = pipe.encode_text(prompts).repeat_interleave(n, dim=0)  # (P·n, D_text)
     settings['uncond_emb'] = pipe.encode_text([negative]) if negative else None
     generators = [torch.Generator().manual_seed(seed + j % n) for j in range(len(text))]
@@ -230,7 +205,7 @@ def outpaint_images(pipe, prompts, direction, repeat=1, n=1, seed=0, image=None,
                       else pipe.encode_image(image).expand(len(text), -1, -1, -1))  # (P·n, C, h, w)
     dim, length = (3, w) if direction in ('right', 'left') else (2, h)
     half, forward = length // 2, direction in ('right', 'down')  # forward: grows at its end
-    mask = make_mask(direction, h, w, frac=0.5)[None].expand(len(text), 1, h, w)  # (P·n, 1, h, w)
+    mask = make_mask(direction, h, w, frac=0.5)[None]  # (1, 1, h, w)
     for _ in range(repeat):
         known = torch.roll(canvas, -half if forward else half, dims=dim)  # the kept half moves over
         canvas = pipe.sample_latents(text, draw(), known=known, mask=mask, **settings)
@@ -239,28 +214,21 @@ def outpaint_images(pipe, prompts, direction, repeat=1, n=1, seed=0, image=None,
     return pipe.decode(strip)
 
 
-# ----- images in and out -----
-
-@torch.no_grad()
 def decode_latents(codec, x, norm=None, batch_size=16):
-    """Model space (B, C, h, w) -> images (B, 3, H, W) in [0, 1] on the CPU, batch_size at once.
-    norm: prepare.latent_norm's (shift, scale); None for latents as the codec made them."""
-    if norm is not None:
-        x = x / norm[1].to(x.device) + norm[0].to(x.device)
+    """Model space (B, C, h, w) -> images in [0, 1] on the CPU; norm: prepare.latent_norm's."""
+    x = x if norm is None else x / norm[1].to(x.device) + norm[0].to(x.device)
     images = [codec.decode(x[i:i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
     return ((torch.cat(images) + 1) / 2).clamp(0, 1)
 
 
 def load_image(path, size):
-    """An image file -> (1, 3, H, W) in [-1, 1] for size (H, W), read as training data is
-    (prepare.read_image: transparency onto white, a centre crop). Raises prepare.Skip."""
+    """An image file -> (1, 3, H, W) in [-1, 1] for size (H, W), read as prepare.read_image does."""
     pixels = torch.from_numpy(read_image(path, size, min_size=1).copy())  # (H, W, 3) uint8
     return pixels.permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 def slug(*texts, max_len=40):
-    """A file-name-safe name for prompts, 'A cute owl!' -> 'a_cute_owl', with a short hash of them
-    where it would lose some: several prompts, a script other than Latin, emoji, a long prompt."""
+    """A file name for prompts, 'A cute owl!' -> 'a_cute_owl', + a hash where it would lose text."""
     s = re.sub(r'[^a-z0-9]+', '_', texts[0].lower()).strip('_')
     if len(texts) == 1 and texts[0].isascii() and 0 < len(s) <= max_len:
         return s
@@ -269,28 +237,25 @@ def slug(*texts, max_len=40):
 
 
 def unused_path(path):
-    """path, or path with -1, -2, ... before its extension: the first that names neither an earlier
-    grid nor its folder of single images."""
+    """path, or path-1, path-2, ...: the first that names neither an earlier grid nor its folder."""
     stem, ext = os.path.splitext(path)
     stems = (f"{stem}-{k}" if k else stem for k in itertools.count())
     return next(s for s in stems if not os.path.exists(s + ext) and not os.path.exists(s)) + ext
 
 
 def save_grid(images, nrow, path, individual_names=(), zoom=1, padding=2):
-    """Write images (B, 3, H, W) in [0, 1] as one PNG grid of nrow a row, replacing path atomically,
-    and each image as individual_names in a folder named like the grid -> the paths written. zoom
-    enlarges them (nearest neighbour) K times; 0: until a tile is >= 128 px a side."""
+    """Write images (B, 3, H, W) in [0, 1] as a PNG grid, nrow a row, and each image as
+    individual_names in a folder named like it, atomically -> the paths. zoom: K times larger
+    (nearest neighbour); 0: until a tile is >= 128 px."""
     from torchvision.utils import save_image  # here: its import is slow, errors need not wait
     zoom = zoom or max(1, math.ceil(128 / min(images.shape[-2:])))
-    if zoom > 1:
-        images = F.interpolate(images, scale_factor=zoom, mode='nearest')
+    images = F.interpolate(images, scale_factor=zoom, mode='nearest')  # zoom 1: the same pixels
     folder = os.path.splitext(path)[0]
     os.makedirs(folder if individual_names else os.path.dirname(path) or '.', exist_ok=True)
     written = [path] + [os.path.join(folder, name + '.png') for name in individual_names]
-    grid = dict(nrow=nrow, padding=padding, pad_value=1.0)
-    for i, p in enumerate(written):
+    for p, x in zip(written, [images, *images]):  # make_grid leaves a single image as it is
         with replacing(p) as tmp:
-            save_image(images[i - 1] if i else images, tmp, format='png', **({} if i else grid))
+            save_image(x, tmp, format='png', nrow=nrow, padding=padding, pad_value=1.0)
     return written
 
 
@@ -332,26 +297,21 @@ if __name__ == '__main__':
     size = size[0] if len(size) == 1 else tuple(size) or None  # as Pipeline.latent_shape takes
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # the EMA denoiser, and the text encoder and image codec its data was prepared with
-    source = ckpt or out_dir
-    try:
+    source = ckpt or out_dir  # the EMA denoiser, and the text encoder and image codec of its data
+    try:  # and the image (1, 3, H, W) in [-1, 1], the mask (1, 1, H, W) cropped alike, white = 1
         pipe = load_pipeline(source, device, dtype, compile)
         shape = pipe.latent_shape(size)  # (C, h, w)
+        H, W = pipe.pixel_size(shape)
+        image = load_image(init_image, (H, W)) if init_image else None
+        m = (load_image(mask, (H, W)).mean(1, keepdim=True) > 0).float() if mask else None
     except (FileNotFoundError, ValueError) as e:
         fail(e)
-    H, W = pipe.pixel_size(shape)
+    except Skip as e:
+        fail(f"--init_image '{init_image}' or --mask '{mask}': not an image it can read ({e})")
     if (outpaint or mask) and pipe.model.cond_channels != shape[0] + 1:
         fail(f"'{source}' is not an outpainting model (it has {pipe.model.cond_channels} extra "
              f"input channels, outpainting needs {shape[0] + 1}): fine-tune one with "
              f"python train.py config/tiny_outpaint.py")
-    try:  # image (1, 3, H, W) in [-1, 1]; the mask (H, W), white = generate
-        image = load_image(init_image, (H, W)) if init_image else None
-        m = Image.open(mask).convert('L').resize((W, H), Image.NEAREST) if mask else None
-    except (Skip, OSError) as e:
-        fail(f"--init_image '{init_image}' or --mask '{mask}': not an image it can read ({e})")
-    if m is not None:  # (1, 1, h, w) on the model's grid: a cell is generated if any pixel is
-        m = F.max_pool2d((torch.from_numpy(np.array(m))[None, None] > 127).float(),
-                         pipe.codec.downsample)
     sampler = sampler or pipe.sampler
     if pipe.baked_cfg and cfg != 1:
         print(f"note: guidance is in this model's weights (cfg {pipe.baked_cfg:g}): cfg 1")
@@ -359,8 +319,7 @@ if __name__ == '__main__':
     print(f"{source}: {pipe.info}; {H}x{W} px, {steps} {sampler} steps, cfg {cfg:g} at "
           f"σ > {cfg_min_sigma:g}, {device} {pipe.dtype}")
 
-    # sample and decode: images (B, 3, H, W) in [0, 1]
-    t0, P = time.time(), len(prompts)
+    t0, P = time.time(), len(prompts)  # sample and decode: images (B, 3, H, W) in [0, 1]
     settings = dict(n=n, seed=seed, negative=negative, size=size, cfg=cfg, steps=steps,
                     sampler=sampler, cfg_min_sigma=cfg_min_sigma, batch_size=batch_size)
     if walk:
@@ -370,10 +329,9 @@ if __name__ == '__main__':
     else:  # image j of each prompt from seed + j; with a mask, the fills of the image's hole
         images = generate_images(pipe, prompts, image=image if mask else None, mask=m, **settings)
     if mask:  # each row: the input with its hole greyed out, then the fills
-        m = F.interpolate(m, size=(H, W), mode='nearest')
-        before = (((image + 1) / 2).clamp(0, 1) * (1 - m) + 0.5 * m).expand(P, 1, 3, H, W)
+        before = ((image + 1) / 2 * (1 - m) + 0.5 * m).expand(P, 1, 3, H, W)
         images = torch.cat([before, images.view(P, n, 3, H, W)], 1).flatten(0, 1)  # (P·(n+1), ...)
-    seconds = time.time() - t0
+    print(f"{len(images)} images in {time.time() - t0:.1f}s")
 
     # name the grid by what made it, in the run's samples/, never over an earlier one's
     name = (f"interp_{slug(prompts[0], max_len=30)}_to_{slug(prompts[1], max_len=30)}" if interp
@@ -385,10 +343,9 @@ if __name__ == '__main__':
     name += f"_{H}x{W}_n{n}_{sampler}{steps}_cfg{cfg:g}_" + (
         f"seeds{interp_seeds[0]}to{interp_seeds[1]}" if interp_seeds else f"seed{seed}")
     name += f"_not_{slug(negative, max_len=20)}" if negative else ''
-    run_dir = (ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt)) if ckpt else out_dir
+    run_dir = source if os.path.isdir(source) else os.path.dirname(source)  # a ckpt file's dir
     path = out or unused_path(os.path.join(run_dir, 'samples', name + '.png'))
-    # one row per prompt (a single prompt's images fill a square-ish grid); wide panoramas stack,
-    # tall ones stand side by side; an interpolation's row is a walk
+    # a row per prompt (one prompt's: a square-ish grid) or walk; wide panoramas stack, tall don't
     nrow = (frames if walk else n + 1 if mask else
             1 if outpaint in ('right', 'left') else n if P > 1 or outpaint else math.ceil(n ** .5))
     names = ([f"row{j}_frame{i}" for j in range(n) for i in range(frames)] if walk
@@ -397,4 +354,3 @@ if __name__ == '__main__':
     names = names if len(set(names)) == len(names) else [f"{i}_{s}" for i, s in enumerate(names)]
     for p in save_grid(images, nrow, path, names if individual else (), zoom):
         print(f"wrote {p}")
-    print(f"{len(images)} images in {seconds:.1f}s")

@@ -37,8 +37,8 @@ import prepare
 from diffusion import (add_noise, consistency_loss, consistency_output, generate, make_mask,
                        masked_input, random_masks, trained_size, training_loss)
 from encoders import ImageCodec, TextEncoder
-from model import (PTDTYPES, Denoiser, autocast, finetune_from, load_checkpoint, resolve_dtype,
-                   rng_state, set_rng_state)
+from model import (Denoiser, autocast, finetune_from, load_checkpoint, resolve_dtype, rng_state,
+                   set_rng_state)
 from prepare import incompatibility, latent_norm, load_prepared, replacing
 from sample import decode_latents, save_grid
 
@@ -74,8 +74,7 @@ beta_b = 2.5
 p_uncond = 0.15  # how often the text is dropped to ∅ = 0, for classifier-free guidance
 objective = 'x0'  # 'x0': diffusion; 'consistency': tune a trained model to sample in a few steps
 consistency_gap = (0.5, 0.02)  # r = (1 - gap)·t, the gap shrinking geometrically as the lr decays
-teacher_cfg = 0.0  # consistency: 0 tunes alone (ECT); > 0 distils the starting model guided at this
-#                    scale, so the tuned model needs no guidance (one forward a step)
+teacher_cfg = 4.0  # consistency: distil the starting model guided at this scale into one forward
 # AdamW optimizer
 learning_rate = 3e-4
 max_iters = 100_000
@@ -126,9 +125,8 @@ def fail(message):
 
 
 def split_global_batch(rows, world_size, accum_steps):
-    """(micro-batch, micro-steps) of each process for a global batch of rows: the fewest
-    micro-steps, at least accum_steps / world_size, whose micro-batches split it evenly over the
-    processes; so a micro-batch never outgrows batch_size. None when no split is even."""
+    """(micro-batch, micro-steps) of each process: the fewest micro-steps, at least
+    accum_steps / world_size, that split the global batch evenly; None if none does."""
     for steps in range(math.ceil(accum_steps / world_size), rows // world_size + 1):
         if rows % (world_size * steps) == 0:
             return rows // (world_size * steps), steps
@@ -138,9 +136,8 @@ def split_global_batch(rows, world_size, accum_steps):
 global_batch = batch_size * gradient_accumulation_steps  # rows a step, however many processes
 split = split_global_batch(global_batch, ddp_world_size, gradient_accumulation_steps)
 if split is None:  # checked before the process group starts, so that no rank waits for another
-    fail(f"the global batch batch_size * gradient_accumulation_steps = {batch_size} * "
-         f"{gradient_accumulation_steps} = {global_batch} rows does not split evenly over "
-         f"{ddp_world_size} processes; make it a multiple of {ddp_world_size}")
+    fail(f"the global batch of {batch_size} * {gradient_accumulation_steps} rows does not split "
+         f"evenly over {ddp_world_size} processes; make it a multiple of {ddp_world_size}")
 micro_batch, micro_steps = split  # each process: micro_steps micro-batches of micro_batch rows
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cuda':  # one GPU per process, its index explicit: for 'cuda' ops and its RNG
@@ -150,14 +147,14 @@ if device_type == 'cuda':  # one GPU per process, its index explicit: for 'cuda'
     torch.backends.cudnn.benchmark = True  # the depthwise conv's shapes never change
 torch.manual_seed(seed + ddp_rank)  # noise levels, noise, CFG dropout and masks differ per rank
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # tf32 on GPUs
-if dtype not in ('auto', *PTDTYPES):
-    fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-dtype = resolve_dtype(dtype, device)  # auto: bf16 where native, fp16 + GradScaler on older GPUs
+try:
+    dtype = resolve_dtype(dtype, device)  # auto: bf16 where native, fp16 + GradScaler on old GPUs
+except ValueError as e:
+    fail(e)
 if objective not in ('x0', 'consistency') or (objective == 'consistency' and outpaint):
     fail(f"objective must be 'x0' or 'consistency' (not with outpaint), got {objective!r}")
 if not 0 <= sample_cfg_min_sigma < 1:
-    fail(f"sample_cfg_min_sigma must be in [0, 1), the noise level below which guidance is off, "
-         f"got {sample_cfg_min_sigma}")
+    fail(f"sample_cfg_min_sigma must be in [0, 1), got {sample_cfg_min_sigma}")
 if compile and device_type == 'cpu' and not shutil.which(os.environ.get('CXX', 'c++')):
     compile = False  # inductor's CPU kernels are C++
     if master_process:
@@ -212,8 +209,7 @@ def next_rows():
 
 
 def get_batch(rows, micro_step):
-    """This rank's micro-batch: (B, C, H, W) model-space latents and (B, D_text) text embeddings.
-    Micro-batch k of the global batch goes to micro-step k // world_size on rank k % world_size,
+    """This rank's micro-batch: micro-batch k of the global batch goes to rank k % world_size,
     so 2 ranks × 1 micro-step train on the same rows as 1 rank × 2 micro-steps."""
     k = micro_step * ddp_world_size + ddp_rank
     idx = np.sort(rows[k * micro_batch:(k + 1) * micro_batch].numpy())  # sorted: kinder to a memmap
@@ -221,8 +217,8 @@ def get_batch(rows, micro_step):
 
 
 def load_rows(latents, text_emb, idx):
-    """Rows idx -> (B, C, H, W) model-space latents and (B, D_text) text embeddings on the device;
-    to a GPU from pinned memory without blocking, so the copy overlaps the work queued before it."""
+    """Rows idx -> (B, C, H, W) model-space latents, (B, D_text) text embeddings on the device;
+    to a GPU from pinned memory without blocking, overlapping the work queued before it."""
     x0, text = (data.to_tensor(latents[idx]) - shift) * scale, data.to_tensor(text_emb[idx])
     if device_type == 'cuda':
         x0, text = (t.pin_memory().to(device, non_blocking=True) for t in (x0, text))
@@ -251,9 +247,6 @@ else:
     if why := incompatibility(ckpt.get('data_meta', {}), data):  # another text encoder or codec
         fail(why)
     model_args = dict(ckpt['model_args'])
-    if model_args['n_channels'] != n_channels:
-        fail(f"{data_dir} has {n_channels} channels, the checkpoint's model "
-             f"{model_args['n_channels']}")
     if init_from == 'resume':  # continue exactly: same weights, optimizer, RNG and data position
         if master_process and (kept := [k for k, v in model_args.items() if config.get(k, v) != v]):
             print("note: resuming keeps the checkpoint's architecture: " + ', '.join(
@@ -316,7 +309,7 @@ if init_from == 'resume':
     ema.load_state_dict(ckpt['ema'])  # in place: the parameter lists below stay valid
 ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
 teacher = None  # consistency distillation: the frozen starting model, saved for a resume
-if objective == 'consistency' and teacher_cfg:
+if objective == 'consistency':
     teacher = copy.deepcopy(raw_model).requires_grad_(False).eval()
     if init_from == 'resume':
         teacher.load_state_dict(ckpt['teacher'])
@@ -340,9 +333,8 @@ codec = None  # the image decoder for the sample grids, loaded on first use
 # helpers
 @torch.no_grad()
 def estimate_loss(net):
-    """Val loss: the MSE of net's x0 prediction on held-out captions at the fixed noise levels
-    eval_sigmas, with fixed noise. For outpainting, only the region to generate counts, as in
-    training."""
+    """Val loss: MSE of net's x0 prediction on val captions at the fixed eval_sigmas and noise;
+    for outpainting, of the region to generate only, as in training."""
     g = torch.Generator().manual_seed(seed)
     err_sum, weight_sum = 0.0, 0.0
     for i in range(0, len(val_idx), batch_size):
@@ -385,23 +377,14 @@ def save_checkpoint():
     if ddp:
         dist.all_gather_object(rngs, rngs[ddp_rank])
     if master_process:
-        checkpoint = {
-            'model': raw_model.state_dict(),
-            'ema': ema.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'scaler': scaler.state_dict(),
-            'model_args': model_args,
-            'iter_num': iter_num,
-            'budget_iters': budget_iters,
-            'objective': objective,  # sample.py picks its sampler by it
-            'baked_cfg': teacher_cfg,  # > 0: guidance is in the weights, sample with cfg 1
-            'teacher': None if teacher is None else teacher.state_dict(),
-            'best_val_loss': best_val_loss,
-            'config': config,
-            'data_meta': meta,
-            'rng': rngs,
-            'data_state': {'epoch': epoch, 'pos': data_pos, 'n_train': n_train},
-        }
+        checkpoint = dict(
+            model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(), model_args=model_args, iter_num=iter_num,
+            budget_iters=budget_iters, best_val_loss=best_val_loss, config=config,
+            data_meta=meta, rng=rngs, data_state=dict(epoch=epoch, pos=data_pos, n_train=n_train),
+            objective=objective,  # sample.py picks its sampler by it
+            baked_cfg=teacher_cfg if teacher else 0.0,  # guidance in the weights: sample at cfg 1
+            teacher=None if teacher is None else teacher.state_dict())
         with replacing(ckpt_path) as tmp:
             torch.save(checkpoint, tmp)
         print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
@@ -420,7 +403,7 @@ def sample_grid(net, path):
         mask = make_mask('right', H, W).to(device).expand(len(known), 1, H, W)
     g = torch.Generator(device).manual_seed(seed)  # the same noise every time: the grids compare
     with ctx:
-        x0 = generate(net, sample_text, cfg=1.0 if teacher_cfg else sample_cfg, steps=sample_steps,
+        x0 = generate(net, sample_text, cfg=1.0 if teacher else sample_cfg, steps=sample_steps,
                       generator=g, known=known, mask=mask, cfg_min_sigma=sample_cfg_min_sigma,
                       sampler='dpmpp2m' if objective == 'x0' else 'consistency')
     images = decode_latents(codec, x0, (shift, scale))  # (B, 3, H_img, W_img) in [0, 1]
@@ -428,9 +411,9 @@ def sample_grid(net, path):
 
 
 def fit_budget(elapsed, step_seconds, eval_seconds):
-    """max_iters that ends the run near max_minutes: the steps and evaluations that fit in what is
-    left, each evaluation costing eval_seconds once every eval_interval steps."""
-    left = max_minutes * 60 - elapsed - eval_seconds  # the final evaluation
+    """max_iters that ends the run near max_minutes: the steps, and an evaluation every
+    eval_interval of them, that fit in what is left after the final evaluation."""
+    left = max_minutes * 60 - elapsed - eval_seconds
     return max(iter_num + 1, iter_num + int(left / (step_seconds + eval_seconds / eval_interval)))
 
 
@@ -441,8 +424,7 @@ def request_stop(signum, frame):
     """Ctrl-C (or a cluster's SIGTERM) stops after this iteration, with a checkpoint."""
     global interrupted
     if not interrupted and master_process:
-        print("\nstopping: a checkpoint is written at the end of this iteration "
-              "(Ctrl-\\ quits without one)")
+        print("\nstopping after this iteration, with a checkpoint (Ctrl-\\ quits without one)")
     interrupted = True
 
 
@@ -519,8 +501,8 @@ while True:
                         or budget_iters and iter_num % eval_interval == 0):
         seconds = time.time() - budget_from[1] - (eval_total - budget_from[2])
         step_seconds = seconds / (iter_num - budget_from[0])
-        chosen = torch.tensor(fit_budget(time.time() - t_start, step_seconds, eval_seconds),
-                              device=device)
+        chosen = fit_budget(time.time() - t_start, step_seconds, eval_seconds)
+        chosen = torch.tensor(chosen, device=device)
         if ddp:
             dist.broadcast(chosen, 0)  # every rank runs rank 0's number of steps
         max_iters = budget_iters = int(chosen)
@@ -548,8 +530,8 @@ while True:
             if objective == 'consistency':
                 gap = consistency_gap[0] * (consistency_gap[1] / consistency_gap[0]) ** min(
                     1, iter_num / (lr_decay_iters or max_iters))  # over the lr's horizon
-                loss = consistency_loss(model, x0, text, gap, beta_a, beta_b, p_uncond, teacher,
-                                        teacher_cfg)
+                loss = consistency_loss(model, teacher, x0, text, gap, teacher_cfg, beta_a, beta_b,
+                                        p_uncond)
             else:
                 loss = training_loss(model, x0, text, beta_a, beta_b, p_uncond, cond=cond,
                                      weight=weight)

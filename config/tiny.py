@@ -7,12 +7,12 @@ data_dir = 'data/prepared/emoji32'  # made on first use (python prepare.py --sou
 eval_interval = 3000
 ckpt_interval = 3000
 log_interval = 500
-batch_size = 16  # small batches, many steps: in 10 minutes steps beat width (docs/notes.md)
+batch_size = 16  # small batches, many steps
 gradient_accumulation_steps = 1
 patch_size = 4  # 8×8 = 64 tokens: a quarter of the tokens of patch 2
-embed_dim = 128
+embed_dim = 64  # narrow and fast: in the budget, steps beat width (docs/fidelity.md)
 n_layers = 4
-head_dim = 32  # more, narrower heads: faster at the same loss (docs/notes.md)
+head_dim = 32  # 2 heads
 mlp_multiplier = 2  # cheaper steps: at equal time its prompts beat a 4x MLP's
 learning_rate = 1.5e-3
 warmup_iters = 100

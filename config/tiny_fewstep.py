@@ -8,7 +8,7 @@ init_from = 'out-tiny'  # its EMA weights; the architecture comes from the check
 objective = 'consistency'
 consistency_gap = (0.5, 0.02)  # r = (1 - gap)·t, the gap shrinking geometrically to 2%
 teacher_cfg = 4.0  # distil the base model guided at cfg 4: sampling needs one forward a step
-p_uncond = 0.0  # guidance is in the weights (ECT instead: teacher_cfg=0, p_uncond=0.15)
+p_uncond = 0.0  # guidance is in the weights
 max_minutes = 2.0
 learning_rate = 3e-4
 warmup_iters = 50

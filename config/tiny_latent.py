@@ -11,3 +11,4 @@ exec(open('config/tiny.py').read())  # the demo's denoiser and time budget, then
 out_dir = 'out-tiny-latent'
 data_dir = 'data/prepared/emoji128-taef2'
 patch_size = 2  # 16×16 latents -> 8×8 tokens
+embed_dim = 128  # as measured against the pixel demo (docs/latent.md); 64 is untried here

@@ -170,7 +170,7 @@ def write_prepared(path, size=16, n=40, n_val=8, dim=8, seed=0):
             f.writelines(json.dumps({'caption': f'a {names[j]} square'}) + '\n' for j in k)
     meta = dict(text_encoder='test', text_dim=dim, vae='none', scale_factor=1.0,
                 latent_shape=[3, size, size], image_size=size, n=n, n_val=n_val,
-                latent_dtype='float16', quantization=None)
+                latent_dtype='float16')
     with open(os.path.join(path, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     return str(path)

@@ -325,7 +325,7 @@ def _toy_run(root, K, heldout=False):
         with open(data / f'{name}.jsonl', 'w') as f:
             f.writelines(json.dumps(dict(caption=c)) + '\n' for c in captions)
     meta = dict(text_encoder='toy', text_dim=D, vae='none', scale_factor=1.0,
-                latent_shape=[3, 32, 32], image_size=32, n=2 * K, n_val=K, quantization=None,
+                latent_shape=[3, 32, 32], image_size=32, n=2 * K, n_val=K,
                 latent_dtype='float16', **({'n_heldout': K} if heldout else {}))
     json.dump(meta, open(data / 'meta.json', 'w'))
     args = dict(n_channels=3, image_size=32, patch_size=4, embed_dim=32, n_layers=1, head_dim=16,
@@ -348,12 +348,10 @@ def eval_run(tmp_path_factory):
 
 def test_sweep_settings_are_lists_from_the_command_line():
     ns = {k: getattr(evaluation, k) for k in ('cfg', 'steps', 'sampler', 'cfg_min_sigma')}
-    configure(ns, ['--cfg', '1,3,5,7', '--steps=5,10', '--sampler', 'ddim', 'dpmpp2m'],
-              exit_on_error=False)
+    configure(ns, ['--cfg', '1,3,5,7', '--steps=5,10', '--sampler', 'ddim', 'dpmpp2m'])
     assert (ns['cfg'], ns['steps'], ns['sampler']) == ([1.0, 3.0, 5.0, 7.0], [5, 10],
                                                        ['ddim', 'dpmpp2m'])
-    configure(ns, ['--cfg=7', '--steps', '5', '25', '--cfg_min_sigma', '0', '0.2'],
-              exit_on_error=False)
+    configure(ns, ['--cfg=7', '--steps', '5', '25', '--cfg_min_sigma', '0', '0.2'])
     assert (ns['cfg'], ns['steps'], ns['cfg_min_sigma']) == ([7.0], [5, 25], [0.0, 0.2])
 
 

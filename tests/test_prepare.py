@@ -1,12 +1,11 @@
 """
-prepare.py: every source (emoji, folder, webdataset, urls) into latents, text embeddings and
+prepare.py: every source (emoji, folder, webdataset) into latents, text embeddings and
 captions; resume after a kill; what load_prepared refuses; the emoji set's caption splits.
 
     python -m pytest -q tests/test_prepare.py
 """
 import csv
 import hashlib
-import http.server
 import importlib.util
 import io
 import json
@@ -16,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
@@ -130,19 +128,12 @@ def test_prepare_folder_skips_bad_images(tmp_path, tiny_encoders):
     torch.testing.assert_close(data.to_tensor(data.text_emb[i]),
                                text(['random picture number 4'])[0], atol=2e-3, rtol=1e-3)
     assert data.captions[i] == 'random picture number 4'
-    # uint8: quantized with a recorded scale, de-quantized by to_tensor
-    meta8 = prepare.prepare(out_dir=str(tmp_path / 'out8'), latent_dtype='uint8', **kw)
-    q = meta8['quantization']
-    data8 = prepare.load_prepared(str(tmp_path / 'out8'))
-    assert data8.latents.dtype == np.uint8 and q['clipped'] == 0
-    err = (data8.to_tensor(data8.latents[:]) - data.to_tensor(data.latents[:])).abs().max()
-    assert err <= q['scale'] / 2 + 2e-2
     # empty captions as an error, by option
     with pytest.raises(SystemExit, match='empty.png: empty caption'):  # the first in sorted order
         prepare.prepare(out_dir=str(tmp_path / 'err'), empty_caption='error', **kw)
 
 
-def test_prepare_folder_caption_table_and_uint8_pixels(tmp_path):
+def test_prepare_folder_caption_table_and_float32_pixels(tmp_path):
     folder = tmp_path / 'images'
     make_images(folder, 4)
     with open(folder / 'captions.csv', 'w', newline='') as f:
@@ -152,17 +143,17 @@ def test_prepare_folder_caption_table_and_uint8_pixels(tmp_path):
                      ['img001.png', 'one'], ['img002.png', 'two'], ['img003.png', 'three'],
                      ['gone.png', 'a file that is not there']])
     meta = prepare.prepare(source='folder', input=str(folder), out_dir=str(tmp_path / 'out'),
-                           image_size=16, latent_dtype='uint8', text_encoder='minilm')
+                           image_size=16, latent_dtype='float32', text_encoder='minilm')
     assert (meta['n'], meta['n_val']) == (4, 1)  # one of 4 items held out: img002, the middle
     assert meta['skipped']['by_reason'] == {'missing file': 1}
     data = prepare.load_prepared(str(tmp_path / 'out'))
     assert data.captions == ['first caption', 'second caption', 'one', 'three']
     assert data.val_captions == ['two']
+    assert data.latents.dtype == np.float32 and meta['latent_dtype'] == 'float32'
     np.testing.assert_array_equal(data.latents[0], data.latents[1])  # one image, two captions
     pixels = prepare.read_image(str(folder / 'img002.png'), 16, 8).transpose(2, 0, 1)
-    np.testing.assert_array_equal(data.val_latents[0], pixels)  # pixel space in uint8: lossless
-    torch.testing.assert_close(data.to_tensor(data.val_latents[0]),
-                               torch.from_numpy(pixels / 127.5 - 1).float())
+    expected = torch.from_numpy(pixels.copy()).float() / 127.5 - 1  # pixel space in float32: exact
+    torch.testing.assert_close(data.to_tensor(data.val_latents[0]), expected, atol=0, rtol=0)
 
 
 def test_prepare_webdataset_shards(tmp_path):
@@ -197,40 +188,6 @@ def test_prepare_webdataset_shards(tmp_path):
     assert rows[2]['caption'] == 'caption 0002 from json' and data.val_captions == ['caption 1000']
     np.testing.assert_allclose(data.to_tensor(data.latents[3]).numpy(),
                                images['0003'].transpose(2, 0, 1) / 127.5 - 1, atol=4e-3)
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-def test_prepare_urls_from_a_local_server(tmp_path):
-    """img2dataset downloads from an HTTP server on 127.0.0.1 (no internet); failed downloads are
-    counted."""
-    pytest.importorskip('img2dataset')
-    served = tmp_path / 'served'
-    make_images(served, 4, size=48)
-    (served / 'broken.png').write_bytes(b'not an image')
-    server = http.server.ThreadingHTTPServer(
-        ('127.0.0.1', 0), lambda *a: _QuietHandler(*a, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f'http://127.0.0.1:{server.server_address[1]}'
-        with open(tmp_path / 'urls.csv', 'w', newline='') as f:
-            w = csv.writer(f)
-            w.writerow(['url', 'caption'])
-            w.writerows([[f'{base}/img{i:03d}.png', f'served picture {i}'] for i in range(4)])
-            w.writerows([[f'{base}/missing.png', 'a 404'], [f'{base}/broken.png', 'not an image']])
-        out = tmp_path / 'out'
-        meta = prepare.prepare(source='urls', input=str(tmp_path / 'urls.csv'), out_dir=str(out),
-                               image_size=32, download_threads=4)
-    finally:
-        server.shutdown()
-    assert meta['n'] + meta['n_val'] == 4 and meta['skipped']['total'] == 2
-    assert meta['skipped']['by_reason'] == {'download failed': 2}
-    data = prepare.load_prepared(str(out))
-    assert sorted(data.captions + data.val_captions) == [f'served picture {i}' for i in range(4)]
-    assert data.latents.shape[1:] == (3, 32, 32)
 
 
 # ----- resume, faults, errors -----
@@ -330,6 +287,7 @@ def test_prepare_errors_are_one_line(tmp_path):
                         (dict(emoji_captions='rich'), "unknown config key 'emoji_captions'"),
                         (dict(image_size='big'), "config key 'image_size' expects int"),
                         (dict(val_count=0), 'val_count=0: expected at least'),
+                        (dict(source='wds'), '--source=wds needs --input'),
                         (dict(dtype='half'), '--dtype=half: expected one of auto, float32')]:
         with pytest.raises(SystemExit, match=re.escape(message)):
             prepare.prepare(**kw)

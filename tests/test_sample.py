@@ -286,6 +286,21 @@ def test_init_image_is_prepared_like_training_data(tmp_path):
     torch.testing.assert_close(x[0, :, 3, 0], torch.tensor([-1.0, -1.0, 1.0]))  # blue's last two
 
 
+def test_inpainting_mask_in_pixels_generates_every_latent_cell_it_touches(pipe, monkeypatch):
+    """generate_images takes the mask in pixels; where the codec downsamples, a cell of the model's
+    grid is generated if any of its pixels is."""
+    seen = {}
+    monkeypatch.setattr(pipe.codec, 'downsample', 4)  # 16 px -> a 4 x 4 grid, as a VAE's 8
+    monkeypatch.setattr(pipe, 'encode_image', lambda image: torch.zeros(1, 3, 4, 4))
+    monkeypatch.setattr(pipe, 'sample_latents', lambda text, noise, **kw: seen.update(kw) or noise)
+    monkeypatch.setattr(pipe, 'decode', lambda x: x)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 5, 9] = 1  # one pixel, in the cell at row 1, column 2
+    generate_images(pipe, ['a red apple'], image=torch.zeros(1, 3, 16, 16), mask=mask)
+    assert seen['mask'].shape == (1, 1, 4, 4)
+    assert seen['mask'][0, 0].nonzero().tolist() == [[1, 2]]
+
+
 def test_sample_zoom_auto_reaches_128_px_and_1_keeps_raw_pixels(sample_run, tmp_path):
     sizes = [(16, 16), (32, 32), (32, 64), (100, 300), (128, 128), (256, 256)]
     zooms = [8, 4, 4, 2, 1, 1]  # the smallest integer factor to reach 128 px

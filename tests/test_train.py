@@ -141,7 +141,7 @@ def test_train_errors_are_one_line(tmp_path, tiny_run):
         (['--batch_sise=8'], "error: unknown config key 'batch_sise' (did you mean batch_size?)"),
         ([f'--data_dir={tmp_path}/missing'], f"error: {tmp_path}/missing: no such directory"),
         (['--dtype=bf16'],
-         "error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got 'bf16'"),
+         "error: dtype must be 'auto' or one of ['bfloat16', 'float16', 'float32'], got 'bf16'"),
         (['--sample_cfg_min_sigma=1.5'], "error: sample_cfg_min_sigma must be in [0, 1)"),
         ([f'--out_dir={out}'], f"error: {out}/ckpt.pt exists; resume it (--init_from=resume)"),
         ([f'--init_from={tmp_path}/nothing.pt'],
@@ -337,8 +337,8 @@ def test_ddp_with_fewer_micro_steps_than_processes_trains_like_one_process(tmp_p
 def test_ddp_batch_that_cannot_split_is_one_line(tmp_path):
     data = write_prepared(tmp_path / 'data')
     proc = train(data, tmp_path / 'o', '--batch_size=3', ddp=2, check=False)
-    message = ("error: the global batch batch_size * gradient_accumulation_steps = 3 * 1 = 3 rows "
-               "does not split evenly over 2 processes; make it a multiple of 2")
+    message = ("error: the global batch of 3 * 1 rows does not split evenly over 2 processes; "
+               "make it a multiple of 2")
     assert proc.returncode != 0 and proc.stderr.count(message) == 1  # from rank 0 only
     assert 'File "' + os.path.join(ROOT, 'train.py') not in proc.stderr  # no train.py traceback
 
