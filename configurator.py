@@ -104,8 +104,6 @@ def configure(namespace, argv):
                 j += 1  # --key v1 [v2 ...] up to the next --option
             texts, i = ([text], i) if eq else (argv[i:j], j)
             namespace[key] = _coerce(key, _value(key, texts, namespace[key]), namespace[key])
-        for key in keys:  # a config file may set a float to inf too
-            _coerce(key, namespace[key], namespace[key])
     except ConfigError as e:
         fail(e)
     return {k: namespace[k] for k in keys}

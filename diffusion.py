@@ -33,11 +33,9 @@ def add_noise(x0, sigma, noise):
 def sample_sigma(n, a=1.0, b=2.5, device='cpu'):
     """Training noise levels σ ~ Beta(a, b) (Beta(1, 2.5): more near σ = 0, where detail is made),
     from the CPU RNG that train.py seeds and saves; copied to a GPU without waiting."""
-    beta = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b)))
-    sigma = beta.sample((n,))
-    if torch.device(device).type == 'cuda':
-        return sigma.pin_memory().to(device, non_blocking=True)
-    return sigma
+    sigma = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b))).sample((n,))
+    on_gpu = torch.device(device).type == 'cuda'
+    return sigma.pin_memory().to(device, non_blocking=True) if on_gpu else sigma
 
 
 def drop_text(text_emb, p_uncond):
@@ -56,8 +54,7 @@ def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, co
     err = (model(x_t, sigma, drop_text(text_emb, p_uncond), cond=cond).float() - x0.float()) ** 2
     if weight is None:
         return err.mean()
-    err = err * weight  # (B, C, H, W)
-    return err.sum() / (weight.expand_as(err).sum() + 1e-8)
+    return (err * weight).sum() / (weight.expand_as(err).sum() + 1e-8)  # err (B, C, H, W)
 
 
 # ----- guidance -----
@@ -65,8 +62,7 @@ def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, co
 def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
     """D(x, σ) for the samplers: x0 = g·x0_cond + (1-g)·x0_uncond, both halves in one forward.
     uncond_emb: zeros (what training dropped to) or a negative prompt's; cfg=1: one half only."""
-    if uncond_emb is None:
-        uncond_emb = torch.zeros_like(text_emb)
+    uncond_emb = torch.zeros_like(text_emb) if uncond_emb is None else uncond_emb
 
     def denoise(x, sigma):  # σ: a number, or one per row (B,)
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
@@ -149,11 +145,9 @@ def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, 
     (B, 1, H, W), 1 = generate; every x0 prediction keeps the known region exactly."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}', expected one of {sorted(SAMPLERS)}")
-    B = text_emb.shape[0]
     if noise is None:
-        if shape is None:
-            shape = (model.n_channels, *trained_size(model))
-        noise = torch.randn((B, *shape), generator=generator, device=text_emb.device)
+        shape = shape or (model.n_channels, *trained_size(model))
+        noise = torch.randn((len(text_emb), *shape), generator=generator, device=text_emb.device)
 
     def denoiser(g):  # D(x, σ) at guidance scale g
         if known is None:
@@ -257,9 +251,5 @@ def slerp(a, b, t):
     cos = (F.normalize(a_flat, dim=1) * F.normalize(b_flat, dim=1)).sum(1).clamp(-1, 1)
     omega = torch.acos(cos)[:, None]
     so, arc = omega.sin(), torch.sin((1 - t) * omega) * a_flat + torch.sin(t * omega) * b_flat
-    out = torch.where(so > 1e-6, arc / so.clamp_min(1e-6), lerp(a_flat, b_flat, t))
+    out = torch.where(so > 1e-6, arc / so.clamp_min(1e-6), torch.lerp(a_flat, b_flat, t))
     return out.view_as(a).to(a.dtype)
-
-
-def lerp(a, b, t):
-    return (1 - t) * a + t * b

@@ -137,8 +137,8 @@ def check_settings():
 def load_run():
     """(checkpoint, its source, the prepared data, its path, a Pipeline without text encoder)."""
     from model import load_checkpoint
-    from prepare import incompatibility, load_prepared
-    from sample import pipeline_from_checkpoint
+    from prepare import Prepared, incompatibility
+    from sample import load_pipeline
     source = ckpt or out_dir
     try:
         checkpoint = load_checkpoint(source, device='cpu')
@@ -146,9 +146,8 @@ def load_run():
         if not data_path:
             fail(f"checkpoint '{source}' records no data_dir: pass --data_dir=PATH (prepare.py's "
                  f"output)")
-        data = load_prepared(data_path)
-        pipe = pipeline_from_checkpoint(checkpoint, device, dtype, text_encoder=False,
-                                        source=source)
+        data = Prepared(data_path)
+        pipe = load_pipeline(checkpoint, device, dtype, text_encoder=False)
     except (FileNotFoundError, ValueError) as e:
         fail(e)
     if why := incompatibility(checkpoint.get('data_meta') or {}, data, strict=False):

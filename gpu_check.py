@@ -273,10 +273,10 @@ def child_error(output):
 
 
 def write_data(path):
-    """Synthetic prepared data in the format prepare.load_prepared reads: random latents of unit
+    """Synthetic prepared data in the format prepare.Prepared reads: random latents of unit
     variance in model space, random text embeddings, more rows than a run's first epoch. 4x32x32
     latents with a small random VAE (f = 8) for the sample grids; tiny: 3x8x8 pixels (no VAE)."""
-    from prepare import load_prepared
+    from prepare import Prepared
     rng = np.random.default_rng(seed)
     n, n_val = (200, 16) if tiny else (1024, 64)
     C, S, D = 3 if tiny else ARCH['n_channels'], ARCH['image_size'], ARCH['text_emb_size']
@@ -296,7 +296,7 @@ def write_data(path):
                 latent_dtype='float16')
     with open(os.path.join(path, 'meta.json'), 'w') as f:
         json.dump(meta, f)
-    load_prepared(path)  # the format is still the one train.py reads
+    Prepared(path)  # the format is still the one train.py reads
     return path
 
 

@@ -31,10 +31,6 @@ CONDITIONINGS = ('cross', 'adaln')
 PRIOR_GRID = 8  # the text prior's grid, resized to the token grid: a coarse layout at any size
 
 
-def _pair(size):
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def sinusoidal_embedding(sigma, dim, max_period=10_000.0):
     """σ (B,) in [0, 1] -> (B, dim) sin/cos features at geometric frequencies."""
     half = dim // 2
@@ -58,33 +54,23 @@ def attention(q, k, v, dropout=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # flash attention go brrr
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention, no output projection (as the reference): the MLP mixes heads."""
+class Attention(nn.Module):
+    """Multi-head attention of the image tokens (B, N, D) to themselves or, given one, to a short
+    context (B, L, D): the reference's cross-attention. No output projection: the MLP mixes the
+    heads."""
 
     def __init__(self, dim, head_dim, dropout):
         super().__init__()
         self.n_heads, self.dropout = dim // head_dim, dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # the q, k and v projections, stacked
 
-    def forward(self, x):  # (B, N, D)
-        q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3,
-                            h=self.n_heads)
-        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, h, N, hd)
-        return rearrange(y, 'b h n d -> b n (h d)')
-
-
-class CrossAttention(nn.Module):
-    """Image tokens (B, N, D) attend to a short context (B, L, D): the reference's conditioning."""
-
-    def __init__(self, dim, head_dim, dropout):
-        super().__init__()
-        self.n_heads, self.dropout = dim // head_dim, dropout
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-
-    def forward(self, x, context):
-        q = rearrange(self.q(x), 'b n (h d) -> b h n d', h=self.n_heads)
-        k, v = rearrange(self.kv(context), 'b l (two h d) -> two b h l d', two=2, h=self.n_heads)
+    def forward(self, x, context=None):
+        if context is None:  # one matmul for all three
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:  # queries from the image tokens, keys and values from the context
+            w_q, w_kv = self.qkv.weight.split([x.shape[-1], 2 * x.shape[-1]])
+            q, (k, v) = F.linear(x, w_q), F.linear(context, w_kv).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=self.n_heads) for t in (q, k, v))
         y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, h, N, hd)
         return rearrange(y, 'b h n d -> b n (h d)')
 
@@ -117,14 +103,14 @@ class Block(nn.Module):
         super().__init__()
         self.adaln = conditioning == 'adaln'
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=not self.adaln)
-        self.attn = SelfAttention(dim, head_dim, dropout)
+        self.attn = Attention(dim, head_dim, dropout)
         if self.adaln:  # shift, scale, gate for the attention and for the MLP, from (σ, text)
             self.modulation = nn.Linear(dim, 6 * dim)
             nn.init.zeros_(self.modulation.weight)  # adaLN-Zero: each block starts as the identity
             nn.init.zeros_(self.modulation.bias)
         else:
             self.norm2 = nn.LayerNorm(dim)
-            self.cross = CrossAttention(dim, head_dim, dropout)
+            self.cross = Attention(dim, head_dim, dropout)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=not self.adaln)
         self.mlp = ConvMLP(dim, mlp_multiplier, dropout)
 
@@ -143,7 +129,7 @@ class Denoiser(nn.Module):
                  mlp_multiplier=4, head_dim=64, dropout=0.0, text_emb_size=768, cond_channels=0,
                  conditioning='adaln', text_prior=16):
         super().__init__()
-        H, W = _pair(image_size)
+        H, W = (image_size,) * 2 if isinstance(image_size, int) else image_size
         if embed_dim % head_dim or H % patch_size or W % patch_size:
             raise ValueError(f"embed_dim={embed_dim} must be a multiple of head_dim={head_dim}, "
                              f"image_size={image_size} of patch_size={patch_size}")
@@ -180,8 +166,9 @@ class Denoiser(nn.Module):
         grid = (x.shape[2] // p, x.shape[3] // p)
         tokens = rearrange(x, 'b c (h p1) (w p2) -> b h w (c p1 p2)', p1=p, p2=p)
         tokens = self.patch_in(tokens) + resize_positional_table(self.pos_emb, grid)  # (B,h,w,D)
-        if hasattr(self, 'prior_in'):
-            tokens = tokens + self.prior_offsets(text_emb, grid)
+        if hasattr(self, 'prior_in'):  # the caption's own offset per position, (B, 8, 8, r)
+            prior = self.prior_in(text_emb).view(len(text_emb), PRIOR_GRID, PRIOR_GRID, -1)
+            tokens = tokens + self.prior_out(resize_positional_table(prior, grid))  # (B, h, w, D)
         tokens = tokens.flatten(1, 2)  # (B, N, D)
 
         sigma_emb = self.sigma_mlp(sinusoidal_embedding(sigma, tokens.shape[-1]))  # (B, D)
@@ -195,11 +182,6 @@ class Denoiser(nn.Module):
 
         out = self.patch_out(self.norm_out(tokens))  # (B, N, C·p·p)
         return rearrange(out, 'b (h w) (c p1 p2) -> b c (h p1) (w p2)', h=grid[0], p1=p, p2=p)
-
-    def prior_offsets(self, text_emb, grid):
-        """(B, D_text) -> (B, h, w, D): the caption's own per-position offset of the tokens."""
-        prior = self.prior_in(text_emb).view(len(text_emb), PRIOR_GRID, PRIOR_GRID, -1)
-        return self.prior_out(resize_positional_table(prior, grid))  # (B, h, w, r) -> (B, h, w, D)
 
     @torch.no_grad()
     def widen_input(self, cond_channels):
@@ -249,9 +231,8 @@ def resolve_dtype(dtype, device):
 
 def rng_state(device):
     """This process's CPU and own-GPU random state, for an exact resume."""
-    on_gpu = torch.device(device).type == 'cuda'
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if on_gpu else None}
+    cuda = torch.cuda.get_rng_state(device) if torch.device(device).type == 'cuda' else None
+    return {'torch': torch.get_rng_state(), 'cuda': cuda}
 
 
 def set_rng_state(state, device):

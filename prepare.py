@@ -58,8 +58,8 @@ overwrite = False  # start over, replacing what out_dir holds (else resume, or r
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
 # what the output depends on; batch_size, device and threads do not change it
-SIGNATURE = ('source', 'input', 'text_encoder', 'vae', 'image_size', 'min_image_size', 'dtype',
-             'latent_dtype', 'empty_caption', 'val_count', 'limit', 'caption_col')
+SIGNATURE = [k for k in DEFAULTS if k not in ('out_dir', 'batch_size', 'device', 'num_workers',
+                                              'overwrite')]
 CHOICES = {'source': ('emoji', 'folder', 'wds'), 'empty_caption': ('skip', 'error'),
            'latent_dtype': ('float16', 'float32'), 'dtype': ('auto', *PTDTYPES)}
 SPLITS = {'train': ('', 'n'), 'val': ('val_', 'n_val'), 'heldout': ('heldout_', 'n_heldout')}
@@ -83,8 +83,9 @@ def write_json(path, obj):
 # ----- reading the output -----
 
 class Prepared:
-    """A prepare.py output dir: .meta, and per split (prefix '', val_, heldout_: None without one)
-    memmaps latents (N, C, H, W), unscaled, and text_emb (N, D), and captions read on first use."""
+    """A prepare.py output dir, Prepared('data/prepared/emoji32'): .meta, and per split (prefix
+    '', val_, heldout_: None without one) memmaps latents (N, C, H, W), unscaled, and text_emb
+    (N, D), and captions read on first use; a missing or broken file is a one-line error."""
     captions = functools.cached_property(lambda self: self._captions(''))
     val_captions = functools.cached_property(lambda self: self._captions('val_'))
     heldout_captions = functools.cached_property(lambda self: self._captions('heldout_'))
@@ -134,9 +135,6 @@ class Prepared:
     def to_tensor(self, rows, device='cpu'):
         """Rows of latents or text_emb (a memmap's, read-only) -> a float32 copy on device."""
         return torch.tensor(np.asarray(rows)).to(device).float()  # sent small, converted there
-
-
-load_prepared = Prepared  # data = load_prepared('data/prepared/emoji32')
 
 
 def latent_norm(meta):
@@ -243,12 +241,11 @@ def wds_source(c):
     import webdataset as wds
     from braceexpand import braceexpand  # a dependency of webdataset
     from webdataset.tariterators import base_plus_ext
-    spec = c.input
-    shards = sorted(glob.glob(os.path.join(spec, '*.tar'))) if os.path.isdir(spec) else \
-        list(braceexpand(spec))
+    shards = sorted(glob.glob(os.path.join(c.input, '*.tar'))) if os.path.isdir(c.input) else \
+        list(braceexpand(c.input))
     if not shards or (missing := [s for s in shards if not os.path.isfile(s)]):
-        fail(f"--input={spec}: no such file {missing[0]} ({len(missing)} missing)" if shards
-             else f"--input={spec}: no .tar shards in this directory")
+        fail(f"--input={c.input}: no such file {missing[0]} ({len(missing)} missing)" if shards
+             else f"--input={c.input}: no .tar shards in this directory")
     n = 0  # samples, from the tar headers as webdataset groups them: an upper bound
     for shard in shards:
         try:
@@ -321,12 +318,11 @@ class Writer:
 
     def finish(self, meta):
         for (split, kind), f in self.files.items():
-            if kind in self.row:  # a version 1.0 header of 128 bytes: magic, length, the dict
+            if kind in self.row:  # the .npy header, into the 128 bytes kept for it
                 dt, shape = self.row[kind]
-                d = dict(descr=dt, fortran_order=False, shape=(self.state['rows'][split], *shape))
                 f.seek(0)
-                f.write(np.lib.format.magic(1, 0) + (118).to_bytes(2, 'little') +
-                        repr(d).ljust(117).encode() + b'\n')
+                np.lib.format.write_array_header_1_0(f, dict(
+                    descr=dt, fortran_order=False, shape=(self.state['rows'][split], *shape)))
             f.close()
         write_json(os.path.join(self.out_dir, 'meta.json'), meta)  # it marks the run finished
         os.remove(os.path.join(self.out_dir, 'progress.json'))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure, fail
-from diffusion import SAMPLERS, generate, lerp, make_mask, slerp, trained_size
+from diffusion import SAMPLERS, generate, make_mask, slerp, trained_size
 from encoders import ImageCodec, TextEncoder
 from model import PTDTYPES, autocast, denoiser_from_checkpoint, load_checkpoint, resolve_dtype
 from prepare import Skip, latent_norm, read_image, replacing
@@ -121,9 +121,11 @@ class Pipeline:
         return decode_latents(self.codec, x, self.norm, batch_size)
 
 
-def pipeline_from_checkpoint(ckpt, device='cpu', dtype='auto', compile=False, text_encoder=True,
-                             source='checkpoint'):
-    """A Pipeline from a loaded checkpoint: its EMA denoiser, the encoders its data_meta names."""
+def load_pipeline(ckpt, device='cpu', dtype='auto', compile=False, text_encoder=True):
+    """A Pipeline from a checkpoint (a file, a run dir, or one loaded): its EMA denoiser and the
+    encoders its data_meta names. Errors: one-line exceptions."""
+    source = ckpt if isinstance(ckpt, str) else 'the checkpoint'
+    ckpt = load_checkpoint(ckpt, device='cpu') if isinstance(ckpt, str) else ckpt
     meta = ckpt.get('data_meta') or {}  # prepare.py's meta.json of the data it was trained on
     model = denoiser_from_checkpoint(ckpt, ema=True).to(device)
     encoder = TextEncoder(meta['text_encoder'], device, dtype) if text_encoder else None
@@ -148,12 +150,6 @@ def compile_for_inference(model):
     freezing = next(model.parameters()).device.type == 'cpu'
     model.forward = inductor_config.patch(freezing=freezing)(torch.compile(model.forward))
     return model
-
-
-def load_pipeline(path, device='cpu', dtype='auto', compile=False, text_encoder=True):
-    """pipeline_from_checkpoint for a checkpoint file or a run dir; errors: one-line exceptions."""
-    return pipeline_from_checkpoint(load_checkpoint(path, device='cpu'), device, dtype, compile,
-                                    text_encoder, source=path)
 
 
 def make_noise(seeds, shape):
@@ -185,7 +181,7 @@ def interpolate(pipe, prompts, n=1, frames=8, seed=0, seeds=None, size=None, neg
     text, shape = pipe.encode_text(prompts), pipe.latent_shape(size)  # (1 or 2, D_text), (C, h, w)
     settings['uncond_emb'] = pipe.encode_text([negative]) if negative else None
     t = torch.linspace(0, 1, frames)[:, None]  # (frames, 1)
-    walk = lerp(text[:1], text[1:], t.to(text)) if len(text) == 2 else text.expand(frames, -1)
+    walk = torch.lerp(text[:1], text[-1:], t.to(text))  # (frames, D_text); one prompt: kept
     row = lambda s: make_noise([s], shape).expand(frames, *shape)  # (frames, C, h, w)
     noise = [slerp(row(seeds[0] + j), row(seeds[1] + j), t) if seeds else row(seed + j)
              for j in range(n)]

@@ -39,7 +39,7 @@ from diffusion import (add_noise, consistency_loss, consistency_output, generate
 from encoders import ImageCodec, TextEncoder
 from model import (Denoiser, autocast, finetune_from, load_checkpoint, resolve_dtype, rng_state,
                    set_rng_state)
-from prepare import incompatibility, latent_norm, load_prepared, replacing
+from prepare import Prepared, incompatibility, latent_norm, replacing
 from sample import decode_latents, save_grid
 
 # -----------------------------------------------------------------------------
@@ -180,7 +180,7 @@ if master_process and data_dir == 'data/prepared/emoji32' and not os.path.exists
     prepare.prepare(source='emoji', image_size=32, out_dir=data_dir)  # a fresh clone trains at once
 if ddp:
     dist.barrier()  # the other ranks wait for the data
-data = load_prepared(data_dir)  # a missing, empty or inconsistent file is a one-line error
+data = Prepared(data_dir)  # a missing, empty or inconsistent file is a one-line error
 meta = data.meta
 shift, scale = latent_norm(meta)  # model space = (latents - shift) · scale: about unit variance
 n_channels, H, W = meta['latent_shape']
@@ -288,11 +288,9 @@ if init_from == 'resume':
         print(f"note: resuming on {ddp_world_size} processes from {len(ckpt['rng'])}: the data "
               f"order goes on exactly, the random noise streams start afresh")
 if master_process:
-    s = lambda n, plural: '' if n == 1 else plural
-    print(f"global batch {global_batch} = {ddp_world_size} process{s(ddp_world_size, 'es')} × "
-          f"{micro_steps} micro-step{s(micro_steps, 's')} of {micro_batch} rows, {dtype} on "
-          f"{device}; {raw_model.num_params() / 1e6:.2f}M parameters, {n_train} training rows of "
-          f"{(n_channels, H, W)}")
+    print(f"global batch {global_batch} = {ddp_world_size} × {micro_steps} × {micro_batch} rows "
+          f"(processes × micro-steps × micro-batch), {dtype} on {device}; "
+          f"{raw_model.num_params() / 1e6:.2f}M parameters, {n_train} rows of {(n_channels, H, W)}")
 
 if compile:
     model = torch.compile(model)
@@ -327,7 +325,7 @@ if sample_prompts and not outpaint and master_process:
 else:  # the val captions, and for an outpainting model the left halves of their images
     sample_prompts = [data.val_captions[i] for i in sample_idx]
     sample_text = load_rows(data.val_latents, data.val_text_emb, sample_idx)[1]
-codec = None  # the image decoder for the sample grids, loaded on first use
+codec = ImageCodec(meta['vae'], device) if master_process else None  # decodes the sample grids
 
 
 # helpers
@@ -394,9 +392,6 @@ def save_checkpoint():
 def sample_grid(net, path):
     """Sample the fixed val prompts with net (the EMA model) and save them as a PNG grid. An
     outpainting model gets the left half of each prompt's val image and fills in the right half."""
-    global codec
-    if codec is None:
-        codec = ImageCodec(meta['vae'], device)
     known = mask = None
     if outpaint:
         known = load_rows(data.val_latents, data.val_text_emb, sample_idx)[0]

@@ -1,6 +1,6 @@
 """
 prepare.py: every source (emoji, folder, webdataset) into latents, text embeddings and
-captions; resume after a kill; what load_prepared refuses; the emoji set's caption splits.
+captions; resume after a kill; what Prepared refuses; the emoji set's caption splits.
 
     python -m pytest -q tests/test_prepare.py
 """
@@ -67,7 +67,7 @@ def test_prepare_emoji_cli(tmp_path):
     out = tmp_path / 'emoji'
     proc = run_in_process('prepare.py', '--source=emoji', '--limit=40', f'--out_dir={out}')
     assert 'wrote 240 rows + 40 val rows + 80 held-out' in proc.stdout
-    data = prepare.load_prepared(str(out))
+    data = prepare.Prepared(str(out))
     entries = emoji_entries()
     assert len(entries) >= 1500
     m = data.meta
@@ -115,7 +115,7 @@ def test_prepare_folder_skips_bad_images(tmp_path, tiny_encoders):
     skipped = [json.loads(line) for line in open(tmp_path / 'out' / 'skipped.jsonl')]
     assert sorted(s['key'] for s in skipped) == ['corrupt.png', 'empty.png', 'nocaption.png',
                                                   'small.png']
-    data = prepare.load_prepared(str(tmp_path / 'out'))
+    data = prepare.Prepared(str(tmp_path / 'out'))
     assert data.latents.shape == (11, 4, 16, 16) and data.text_emb.shape == (11, 16)
     keys = [json.loads(line)['key'] for line in open(tmp_path / 'out' / 'captions.jsonl')]
     # the latents are the VAE's posterior mean of each resized, center-cropped image
@@ -146,7 +146,7 @@ def test_prepare_folder_caption_table_and_float32_pixels(tmp_path):
                            image_size=16, latent_dtype='float32', text_encoder='minilm')
     assert (meta['n'], meta['n_val']) == (4, 1)  # one of 4 items held out: img002, the middle
     assert meta['skipped']['by_reason'] == {'missing file': 1}
-    data = prepare.load_prepared(str(tmp_path / 'out'))
+    data = prepare.Prepared(str(tmp_path / 'out'))
     assert data.captions == ['first caption', 'second caption', 'one', 'three']
     assert data.val_captions == ['two']
     assert data.latents.dtype == np.float32 and meta['latent_dtype'] == 'float32'
@@ -181,7 +181,7 @@ def test_prepare_webdataset_shards(tmp_path):
                            val_count=5)
     assert meta['items'] == 10 and meta['skipped']['by_reason'] == {'cannot decode': 1}
     assert (meta['n'], meta['n_val']) == (8, 1)  # at most a tenth is held out
-    data = prepare.load_prepared(str(tmp_path / 'out'))
+    data = prepare.Prepared(str(tmp_path / 'out'))
     rows = [json.loads(line) for line in open(tmp_path / 'out' / 'captions.jsonl')]
     assert [r['key'] for r in rows] == [f'0000{s}.tar/{s}00{i}' for s in (0, 1) for i in range(5)
                                         if f'{s}00{i}' not in ('1000', '1004')]  # val, broken
@@ -225,7 +225,7 @@ def test_prepare_resumes_after_kill(tmp_path, tiny_encoders, capsys):
     assert progress['items_done'] == 8 and not (resumed / 'meta.json').exists()
     assert os.path.getsize(resumed / 'latents.npy') > progress['bytes']['latents.npy']
     with pytest.raises(SystemExit, match='unfinished'):
-        prepare.load_prepared(str(resumed))
+        prepare.Prepared(str(resumed))
     capsys.readouterr()
     prepare.prepare(out_dir=str(resumed), **kw)
     assert 'resuming' in capsys.readouterr().out
@@ -248,7 +248,7 @@ def test_prepare_keeps_a_validation_row(tmp_path, tiny_encoders):
     kw = dict(source='folder', input=str(folder), text_encoder=tiny_encoders['clip'])
     meta = prepare.prepare(out_dir=str(tmp_path / 'out'), **kw)
     assert (meta['n'], meta['n_val'], meta['skipped']['by_reason']) == (10, 1, {'empty caption': 1})
-    assert prepare.load_prepared(str(tmp_path / 'out')).val_captions == ['random picture number 7']
+    assert prepare.Prepared(str(tmp_path / 'out')).val_captions == ['random picture number 7']
     for f in ('img002', 'img003', 'img004', 'img005', 'img007', 'img008', 'img009', 'img010',
               'img011', 'img001'):
         os.remove(folder / f'{f}.png')  # img000, then img006 (val, no caption): no val row
@@ -262,22 +262,22 @@ def test_prepare_keeps_a_validation_row(tmp_path, tiny_encoders):
 def test_load_prepared_refuses_empty_splits_and_non_finite_rows(tmp_path):
     """An empty split or a NaN in the data is a one-line error naming the file (issue 26), not a
     ZeroDivisionError or a NaN loss later in training."""
-    prepare.load_prepared(write_prepared(tmp_path / 'ok'))
+    prepare.Prepared(write_prepared(tmp_path / 'ok'))
     path = write_prepared(tmp_path / 'empty', n_val=0)
     with pytest.raises(SystemExit, match=r"meta.json: the val split is empty \(n_val=0\)"):
-        prepare.load_prepared(path)
+        prepare.Prepared(path)
     path = write_prepared(tmp_path / 'nan')
     emb = np.load(os.path.join(path, 'val_text_emb.npy'))
     emb[:] = np.nan
     np.save(os.path.join(path, 'val_text_emb.npy'), emb)
     with pytest.raises(SystemExit, match=r'val_text_emb.npy: row 0 holds NaN or inf'):
-        prepare.load_prepared(path)
+        prepare.Prepared(path)
     path = write_prepared(tmp_path / 'inf', n=40)
     lat = np.load(os.path.join(path, 'latents.npy'))
     lat[39, 0, 3, 3] = np.inf  # the last row: always in the sample
     np.save(os.path.join(path, 'latents.npy'), lat)
     with pytest.raises(SystemExit, match=r'latents.npy: row 39 holds NaN or inf'):
-        prepare.load_prepared(path)
+        prepare.Prepared(path)
 
 
 def test_prepare_errors_are_one_line(tmp_path):
@@ -292,11 +292,11 @@ def test_prepare_errors_are_one_line(tmp_path):
         with pytest.raises(SystemExit, match=re.escape(message)):
             prepare.prepare(**kw)
     with pytest.raises(SystemExit, match='no such directory'):
-        prepare.load_prepared(str(tmp_path / 'nothing'))
+        prepare.Prepared(str(tmp_path / 'nothing'))
     path = write_prepared(tmp_path / 'out', n=3, n_val=1)
     np.save(os.path.join(path, 'text_emb.npy'), np.zeros((2, 8), np.float16))
     with pytest.raises(SystemExit, match=r'text_emb.npy: shape \(2, 8\), expected \(3, 8\)'):
-        prepare.load_prepared(path)
+        prepare.Prepared(path)
 
 
 def test_prepare_never_rewrites_its_globals(tmp_path, tiny_encoders):
@@ -416,7 +416,7 @@ def test_a_codec_without_a_scale_gets_unit_variance_per_channel(tmp_path, tiny_e
                            vae=save_taesd(tmp_path / 'taesd', 'taesd'), dtype='float32',
                            text_encoder=tiny_encoders['clip'], out_dir=str(tmp_path / 'out'))
     assert len(meta['scale_factor']) == len(meta['latent_shift']) == 4
-    data = prepare.load_prepared(str(tmp_path / 'out'))
+    data = prepare.Prepared(str(tmp_path / 'out'))
     shift, scale = prepare.latent_norm(meta)  # (4, 1, 1) each
     z = torch.cat([data.to_tensor(data.latents[:]), data.to_tensor(data.val_latents[:])])
     x = (z - shift) * scale  # (12, 4, 4, 4): every image once

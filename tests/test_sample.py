@@ -19,8 +19,7 @@ import sample
 from conftest import ROOT, one_line_error, run_in_process, run_script, save_tiny_checkpoint
 from configurator import config_keys
 from model import Denoiser, load_checkpoint
-from sample import (generate_images, load_image, load_pipeline, make_noise,
-                    pipeline_from_checkpoint, save_grid)
+from sample import generate_images, load_image, load_pipeline, make_noise, save_grid
 
 
 @pytest.fixture(scope='module')
@@ -323,7 +322,7 @@ def test_pipeline_without_text_encoder_and_the_text_width_check(sample_run, pipe
     images as the full pipeline's. A text encoder of the wrong width is a one-line ValueError."""
     run = str(sample_run / 'run')
     full = pipe
-    bare = pipeline_from_checkpoint(load_checkpoint(run), 'cpu', 'float32', text_encoder=False)
+    bare = load_pipeline(load_checkpoint(run), 'cpu', 'float32', text_encoder=False)
     assert bare.text_encoder is None
     with pytest.raises(ValueError, match='no text encoder'):
         bare.encode_text(['a red apple'])
@@ -349,8 +348,8 @@ def test_compiled_pipeline_samples_as_the_eager_one_with_frozen_weights(sample_r
     monkeypatch.setattr(torch._inductor.freezing, 'freeze',
                         lambda *a, **kw: frozen.append(1) or freeze(*a, **kw))
     ckpt = load_checkpoint(str(sample_run / 'run'))
-    eager, compiled = (pipeline_from_checkpoint(ckpt, 'cpu', 'float32', compile=c,
-                                                text_encoder=False) for c in (False, True))
+    eager, compiled = (load_pipeline(ckpt, 'cpu', 'float32', compile=c, text_encoder=False)
+                       for c in (False, True))
     emb, noise = torch.randn(2, 384), make_noise([0, 1], eager.latent_shape())
     # guided at every step: one batch shape, one compilation
     expected = eager.sample_latents(emb, noise, cfg=7.0, steps=2, cfg_min_sigma=0.0)

@@ -319,8 +319,8 @@ def test_ddp_with_fewer_micro_steps_than_processes_trains_like_one_process(tmp_p
     one = run_script('train.py', *args, f'--out_dir={tmp_path}/one')
     two = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                      'train.py', *args, f'--out_dir={tmp_path}/two')
-    assert one.stdout.startswith('global batch 16 = 1 process × 1 micro-step of 16 rows, float32')
-    assert two.stdout.startswith('global batch 16 = 2 processes × 1 micro-step of 8 rows, float32')
+    assert one.stdout.startswith('global batch 16 = 1 × 1 × 16 rows (processes × micro-steps')
+    assert two.stdout.startswith('global batch 16 = 2 × 1 × 8 rows (processes × micro-steps')
     a, b = load_ckpt(tmp_path / 'one'), load_ckpt(tmp_path / 'two')
     assert a['iter_num'] == b['iter_num'] == 3 and len(b['rng']) == 2
     assert max(s['exp_avg'].abs().max() for s in a['optimizer']['state'].values()) > 1e-3
