@@ -160,7 +160,7 @@ if compile and device_type == 'cpu' and not shutil.which(os.environ.get('CXX', '
     if master_process:
         print("note: no C++ compiler (c++ or $CXX) found: training without torch.compile")
 if ddp:
-    # rank 0 evaluates alone while the others wait: its first grid may download a VAE (timeout)
+    # rank 0 loads the grids' VAE (maybe a download) and evaluates while the others wait
     dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo',
                             timeout=timedelta(minutes=ddp_timeout_minutes),
                             device_id=torch.device(device) if device_type == 'cuda' else None)
