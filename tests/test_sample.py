@@ -369,7 +369,7 @@ def test_a_few_step_checkpoint_picks_its_sampler_and_its_baked_guidance(tmp_path
     assert '2 consistency steps, cfg 1' in proc.stdout
     path = next(line.split(' ', 1)[1] for line in proc.stdout.splitlines()
                 if line.startswith('wrote '))
-    pipe = load_pipeline(str(run), 'cpu', 'float32')
+    pipe = load_pipeline(run, 'cpu', 'float32')  # a pathlib.Path works as a str does
     expected = generate_images(pipe, ['a red apple'], n=2, cfg=1.0, steps=2, sampler='consistency')
     grid = _png(path)
     torch.testing.assert_close(torch.from_numpy(_tile(grid, 0, 1)).permute(2, 0, 1), expected[1],
