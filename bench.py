@@ -16,13 +16,11 @@ Tables:
 - model: forward and forward+backward images/s of the default denoiser, eager and compiled, its
   FLOPs per image (torch.utils.flop_counter, corrected, see count_flops) and the achieved FLOP/s
   as a share of the peak of the same dtype.
-- samplers: RMS error against the exact probability-flow solution on Gaussian data.
 - sample, eval, prepare: throughput of the other scripts on the tiny emoji setup.
 """
 import copy
 import os
 import platform
-import runpy
 import sys
 import time
 
@@ -31,9 +29,11 @@ from einops import rearrange
 from torch.utils.flop_counter import (FlopCounterMode, conv_flop_count, sdpa_backward_flop_count,
                                       sdpa_flop_count)
 
-from configurator import configure, fail
-from diffusion import SAMPLERS, guided_denoiser, sample_dpmpp_2m, sigma_schedule
+from configurator import configure, fail, load_config
+from diffusion import guided_denoiser, sample_dpmpp_2m, sigma_schedule
 from model import PTDTYPES, Denoiser, autocast, resolve_dtype, sinusoidal_embedding
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 only = []  # tables to run, e.g. --only reference model; [] = all of TABLES
@@ -48,7 +48,7 @@ rounds = 5  # reference: interleaved rounds of every model, the median is report
 seed = 0
 # -----------------------------------------------------------------------------
 
-TABLES = ('peak', 'reference', 'model', 'samplers', 'sample', 'eval', 'prepare')
+TABLES = ('peak', 'reference', 'model', 'sample', 'eval', 'prepare')
 REFERENCE_BLOCK = dict(conditioning='cross', text_prior=0)  # the Denoiser as the reference model
 MODEL_CONFIGS = {  # the two sizes timed: a small model and config/base.py's size
     'small': dict(n_channels=4, image_size=32, patch_size=2, embed_dim=256, n_layers=4,
@@ -57,32 +57,6 @@ MODEL_CONFIGS = {  # the two sizes timed: a small model and config/base.py's siz
                  text_emb_size=768),
 }
 DTYPES = []  # the resolved dtypes measured, set by main()
-
-
-class GaussianData:
-    """Data with a known answer, for checking the samplers (the tests, bench.py).
-    For x0 ~ N(μ, diag(s²)) both E[x0 | x_σ] (the ideal denoiser) and the exact probability-flow
-    ODE solution are closed-form: z = (x_σ - α·μ) / sqrt(α²s² + σ²) is constant along the flow."""
-
-    def __init__(self, dim=4096, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.mu = torch.rand(dim, generator=g, dtype=torch.float64) - 0.5
-        self.s = 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
-        self.noise = torch.randn(dim, generator=g, dtype=torch.float64)
-
-    def denoise(self, x, sigma):  # the ideal x0-predictor E[x0 | x_σ]
-        a = 1 - sigma
-        return self.mu + a * self.s ** 2 / (a ** 2 * self.s ** 2 + sigma ** 2) * (x - a * self.mu)
-
-    def exact(self, x, sigma):  # the ODE solution at σ = 0 from x at σ
-        a = 1 - sigma
-        return self.mu + self.s * (x - a * self.mu) / torch.sqrt(a ** 2 * self.s ** 2 + sigma ** 2)
-
-    def error(self, sampler, steps, sigma_max=1.0, **schedule):
-        """RMS error of a sampler's answer against the exact one, from σ_max to 0."""
-        x = sigma_max * self.noise
-        out = sampler(self.denoise, x, sigma_schedule(steps, sigma_max, **schedule))
-        return ((out - self.exact(x, sigma_max)) ** 2).mean().sqrt().item()
 
 
 def wanted(table):
@@ -247,12 +221,13 @@ def bench_model(peaks):
 
 
 def tiny_model():
-    """An (untrained: speed does not depend on the weights) denoiser of config/tiny.py's shape."""
-    c = runpy.run_path('config/tiny.py')
+    """An (untrained: speed does not depend on the weights) denoiser of config/tiny.py's shape,
+    on TAEF2's 32×16×16 latents of 128 px images."""
+    c = load_config(os.path.join(ROOT, 'config', 'tiny.py'))
     shape = {k: c[k] for k in ('patch_size', 'embed_dim', 'n_layers', 'mlp_multiplier',
                                'head_dim') if k in c}
     torch.manual_seed(seed)
-    return Denoiser(n_channels=3, image_size=32, text_emb_size=384, **shape).eval().to(device)
+    return Denoiser(n_channels=32, image_size=16, text_emb_size=384, **shape).eval().to(device)
 
 
 def bench_sample(peaks):
@@ -266,7 +241,8 @@ def bench_sample(peaks):
         model = tiny_model() if name == 'tiny' else \
             Denoiser(**MODEL_CONFIGS['small']).eval().to(device)
         text_encoder = TextEncoder('minilm', device) if name == 'tiny' else None
-        pipe = Pipeline(model, text_encoder, ImageCodec('none', device), None, device, dtype)
+        codec = ImageCodec('taef2' if name == 'tiny' else 'none', device, dtype)
+        pipe = Pipeline(model, text_encoder, codec, None, device, dtype)
         noise = make_noise(range(36), pipe.latent_shape())
         if text_encoder is not None:
             t_text = timeit(lambda: pipe.encode_text(prompts), n=3, warmup=1)
@@ -380,15 +356,6 @@ def bench_eval():
         rows.append(['FID + KID (100 subsets of 256)', 256, real_feats.n, f"{t:.2f}",
                      f"{256 / t:.0f}"])
     print_table('eval: scoring', ['metric', 'images', 'real images', 'seconds', 'images/s'], rows)
-
-
-def bench_samplers():
-    data = GaussianData()
-    steps = [5, 10, 15, 25, 50]
-    rows = [[name] + [f"{data.error(SAMPLERS[name], n):.2e}" for n in steps]
-            for name in ('ddim', 'dpmpp2m')]
-    print_table('samplers: RMS error vs the exact ODE solution, Gaussian data (std 0.5-1.5)',
-                ['sampler'] + [f"{n} steps" for n in steps], rows)
 
 
 # ----- the yardstick: a plain implementation of the reference architecture -----
@@ -512,6 +479,11 @@ def main():
     for d in dtypes:
         if d != 'auto' and d not in PTDTYPES:
             fail(f"--dtypes: expected 'auto' or some of {sorted(PTDTYPES)}, got {d!r}")
+    for key in ('iters', 'rounds', 'batch_size', 'base_batch_size'):
+        if globals()[key] < 1:
+            fail(f"--{key} must be >= 1, got {globals()[key]}")
+    if device != 'cpu' and not (device.startswith('cuda') and torch.cuda.is_available()):
+        fail(f"--device={device}: expected cpu, or cuda where torch sees a GPU")
     DTYPES[:] = dict.fromkeys(resolve_dtype(d, device) for d in dtypes)  # in order, once each
     torch.set_float32_matmul_precision('high')  # TF32 on GPUs, as train.py does
     print(device_kind())
@@ -522,8 +494,6 @@ def main():
         bench_vs_reference(peaks)
     if wanted('model'):
         bench_model(peaks)
-    if wanted('samplers'):
-        bench_samplers()
     if wanted('sample'):
         bench_sample(peaks)
     if wanted('eval'):

@@ -3,16 +3,20 @@ nanoGPT's "poor man's configurator", with its traps fixed. A script's settings a
 
     config = configure(globals(), sys.argv[1:])   # python train.py config/tiny.py --n_layers=6
 
-Arguments apply in order: a config/*.py file is executed and may set any existing global;
---key=value or --key value is a Python literal where it parses as one (7, 3e-4, True, (32, 64))
-and text otherwise; --key v1 v2 gives a tuple or list setting several values; --flag alone is
-True. Types must match the default's (an int passes for a float; None takes anything), floats
-must be finite, and unknown keys are errors: one line each, through fail(message). A library call
-with keyword arguments gets the same checks from settings(defaults, overrides).
+Arguments apply in order: a config/*.py file is executed and may set any existing global, and
+include('tiny.py') there runs another config file first, found beside it; --key=value or --key
+value is a Python literal where it parses as one (7, 3e-4, True, (32, 64)) and text otherwise,
+and a str setting takes the text as written; --key v1 v2 gives a tuple or list setting several
+values; --flag alone is True. Types must match the default's (an int passes for a float; None
+takes anything), floats must be finite, and unknown keys are errors: one line each, through
+fail(message). A library call with keyword arguments gets the same checks from
+settings(defaults, overrides).
 """
 import ast
 import difflib
 import math
+import os
+import sys
 from types import SimpleNamespace
 
 CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
@@ -66,11 +70,12 @@ def _check_key(key, keys, where=''):
 
 
 def _value(key, texts, default):
-    """The value of --key from the texts after it. Strings stay as written for str settings and
-    for lists of strings: --prompt "1, 2" is a prompt."""
-    strings = type(default) is str or (type(default) in (tuple, list) and default
-                                       and all(type(v) is str for v in default))
-    values = [t if strings and type(_parse(t)) not in (tuple, list) else _parse(t) for t in texts]
+    """The value of --key from the texts after it. Text stays as written for str settings and
+    for lists of strings: --prompt "('a', 'b')" is one prompt; () alone is an empty list."""
+    strings = type(default) in (tuple, list) and all(type(v) is str for v in default or [0])
+    if strings and texts in (['()'], ['[]']):
+        return type(default)()
+    values = list(texts) if strings or type(default) is str else [_parse(t) for t in texts]
     if not values:
         if type(default) is not bool:
             raise ConfigError(f"config key '{key}' needs a value")
@@ -83,9 +88,25 @@ def _value(key, texts, default):
     return values[0]
 
 
+def read_text(path):
+    """A UTF-8 text file's contents, whatever the locale; else a one-line ValueError that names the
+    file and the line."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    try:
+        return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b'\n') + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason} at byte "
+                         f"{e.start}); save it as UTF-8") from None
+
+
 def configure(namespace, argv):
     """Apply config files and --key overrides from argv to namespace (a script's globals()).
     Returns the resulting config dict {key: value}, the thing to log and to save in checkpoints."""
+    for stream in (sys.stdout, sys.stderr):  # a script never dies printing σ to a latin-1 console
+        if hasattr(stream, 'reconfigure'):  # not a StringIO that captures it
+            stream.reconfigure(errors='backslashreplace')
     keys = config_keys(namespace)
     try:
         i = 0
@@ -109,6 +130,17 @@ def configure(namespace, argv):
     return {k: namespace[k] for k in keys}
 
 
+def given_keys(argv):
+    """The settings that argv sets, in a config file or by a flag (a config file is read again)."""
+    keys = set()
+    for arg in argv:
+        if arg.startswith('--'):
+            keys.add(arg[2:].partition('=')[0])
+        elif arg.endswith('.py'):
+            keys |= set(load_config(arg))
+    return keys
+
+
 def settings(defaults, overrides):
     """defaults (a dict) with keyword overrides, checked like the command line -> a namespace."""
     keys = config_keys(defaults)
@@ -118,18 +150,35 @@ def settings(defaults, overrides):
                               if k in keys})
 
 
-def _apply_file(namespace, keys, path):
+def _run_file(path, scope):
+    """Execute a config file in scope; include('other.py') inside it runs a file beside it."""
     try:
-        source = open(path).read()
+        source = read_text(path)
     except OSError as e:
         raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
-    scope = {}
+    except ValueError as e:
+        raise ConfigError(f"config file {e}") from None
+    def include(name):  # a path relative to this file, never to the working directory
+        _run_file(os.path.join(os.path.dirname(os.path.abspath(path)), name), scope)
+        scope['include'] = include  # back to this file's, after the other file's own
+    scope['include'] = include
     try:
         exec(compile(source, path, 'exec'), scope)
-    except Exception as e:
+    except ConfigError:
+        raise  # an included file's own error names that file
+    except BaseException as e:  # sys.exit() and Ctrl-C in a config file end the run here too
         raise ConfigError(f"config file '{path}' failed: {type(e).__name__}: {e}") from None
-    for key, value in scope.items():
-        if key.startswith('_') or type(value) not in CONFIG_TYPES:
-            continue  # imports and helpers inside the config file
+
+
+def load_config(path):
+    """The settings a config file makes, includes included: {key: value}."""
+    scope = {}
+    _run_file(path, scope)
+    return {k: v for k, v in scope.items()  # not imports and helpers inside the config file
+            if not k.startswith('_') and type(v) in CONFIG_TYPES}
+
+
+def _apply_file(namespace, keys, path):
+    for key, value in load_config(path).items():
         _check_key(key, keys, f" in {path}")
         namespace[key] = _coerce(key, value, namespace[key])

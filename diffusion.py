@@ -3,9 +3,9 @@ The noise process, the training loss, guidance and the samplers. No model code l
 a denoiser is any function D(x, σ) -> x0 estimate.
 
 Forward process (add_noise):          x_σ = (1-σ)·x0 + σ·ε,   ε ~ N(0, I),  σ ∈ [0, 1]
-Training (training_loss):             σ ~ Beta(a, b),  loss = ‖D(x_σ, σ, text) - x0‖²
+Training (training_loss):             σ ~ Beta(a, b),  loss = ‖D(x_σ, σ, text) - x0‖² (x0_error)
 Guidance (guided_denoiser):           D = g·D(x, σ, text) + (1-g)·D(x, σ, ∅)
-                                      (generate: at σ > cfg_min_sigma)
+                                      (generate: at σ > cfg_min_sigma, default CFG_MIN_SIGMA)
 Samplers, with α = 1-σ, λ = log(α/σ), h = λ_next - λ:
   DDIM (sample_ddim):                 x_next = ((σ - σ_next)·D + σ_next·x) / σ
   DPM-Solver++(2M) (sample_dpmpp_2m): x_next = (σ_next/σ)·x + α_next·(1 - e^{-h})·D',
@@ -13,7 +13,7 @@ Samplers, with α = 1-σ, λ = log(α/σ), h = λ_next - λ:
   consistency (sample_consistency):   x0 = f(x, σ), x_next = (1-σ_next)·x0 + σ_next·ε'
 Consistency tuning (consistency_loss): ‖f(x_t, t) - sg f(x_r, r)‖² / (t - r), r = (1 - gap)·t
 
-    x = generate(model, text_emb, cfg=7, steps=15)   # (B, C, H, W) from pure noise
+    x = generate(model, text_emb, noise, cfg=7, steps=15)   # (B, C, H, W) from noise (B, C, H, W)
 """
 import functools
 import math
@@ -30,12 +30,17 @@ def add_noise(x0, sigma, noise):
     return (1 - s) * x0 + s * noise
 
 
-def sample_sigma(n, a=1.0, b=2.5, device='cpu'):
-    """Training noise levels σ ~ Beta(a, b) (Beta(1, 2.5): more near σ = 0, where detail is made),
-    from the CPU RNG that train.py seeds and saves; copied to a GPU without waiting."""
+def sample_sigma(n, a, b, device='cpu'):
+    """Training noise levels σ ~ Beta(a, b), from the CPU RNG that train.py seeds and saves;
+    copied to a GPU without waiting."""
     sigma = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b))).sample((n,))
+    return to_device(sigma, device)
+
+
+def to_device(t, device):
+    """A CPU tensor to device; to a GPU from pinned memory, so the host never waits for it."""
     on_gpu = torch.device(device).type == 'cuda'
-    return sigma.pin_memory().to(device, non_blocking=True) if on_gpu else sigma
+    return t.pin_memory().to(device, non_blocking=True) if on_gpu else t
 
 
 def drop_text(text_emb, p_uncond):
@@ -45,16 +50,30 @@ def drop_text(text_emb, p_uncond):
     return text_emb * keep.to(text_emb.dtype)
 
 
-def training_loss(model, x0, text_emb, beta_a=1.0, beta_b=2.5, p_uncond=0.15, cond=None,
-                  weight=None):
-    """MSE of the x0 prediction at σ ~ Beta(a, b) with CFG dropout, every σ alike (the reference's).
-    weight (B, 1|C, H, W): where the loss counts (outpainting)."""
-    sigma = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device)
-    x_t = add_noise(x0, sigma, torch.randn_like(x0))
-    err = (model(x_t, sigma, drop_text(text_emb, p_uncond), cond=cond).float() - x0.float()) ** 2
-    if weight is None:
+def x0_error(denoise, x0, text_emb, sigma, noise, mask=None):
+    """Mean ‖D(x_σ, σ, text) - x0‖² where mask (B, 1, H, W) is 1, everywhere without one: the x0
+    objective, and the val loss of any model. denoise: a Denoiser, or a consistency model's f.
+    With a mask (outpainting: 1 = generate) the masked image and the mask are the model's input."""
+    cond = None if mask is None else masked_input(x0, mask)
+    pred = denoise(add_noise(x0, sigma, noise), sigma, text_emb, cond=cond)
+    err = (pred.float() - x0.float()) ** 2  # (B, C, H, W)
+    if mask is None:
         return err.mean()
-    return (err * weight).sum() / (weight.expand_as(err).sum() + 1e-8)  # err (B, C, H, W)
+    return (err * mask).sum() / (mask.expand_as(err).sum() + 1e-8)
+
+
+def training_loss(model, x0, text_emb, objective, beta_a, beta_b, p_uncond, outpaint=False,
+                  teacher=None, teacher_cfg=1.0, gap=0.0):
+    """One batch's loss for train.py's objective; σ, ε, the text dropout and outpainting's masks
+    are drawn here. 'x0': x0_error at σ ~ Beta(a, b), every σ alike (the reference's);
+    'consistency': consistency_loss from the frozen teacher guided at teacher_cfg."""
+    if objective == 'consistency':
+        return consistency_loss(model, teacher, x0, text_emb, gap, teacher_cfg, beta_a, beta_b,
+                                p_uncond)
+    sigma = sample_sigma(len(x0), beta_a, beta_b, x0.device)
+    mask = to_device(random_masks(len(x0), *x0.shape[2:]), x0.device) if outpaint else None
+    noise = torch.randn_like(x0)
+    return x0_error(model, x0, drop_text(text_emb, p_uncond), sigma, noise, mask)
 
 
 # ----- guidance -----
@@ -64,8 +83,8 @@ def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
     uncond_emb: zeros (what training dropped to) or a negative prompt's; cfg=1: one half only."""
     uncond_emb = torch.zeros_like(text_emb) if uncond_emb is None else uncond_emb
 
-    def denoise(x, sigma):  # σ: a number, or one per row (B,)
-        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    def denoise(x, sigma):  # σ: a number (made on the device: no copy from the host), or (B,)
+        s = torch.full((len(x),), sigma, device=x.device) if isinstance(sigma, float) else sigma
         if cfg == 1.0:
             return model(x, s, text_emb, cond=cond).float()  # the sampler's arithmetic stays fp32
         both = model(torch.cat([x, x]), torch.cat([s, s]), torch.cat([text_emb, uncond_emb]),
@@ -77,12 +96,12 @@ def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
 
 # ----- the samplers -----
 
-def sigma_schedule(steps, sigma_max=1.0, rho=1.5):
-    """steps+1 noise levels σ_i = σ_max·(1 - i/steps)^ρ down to 0; ρ > 1 spends more steps at low
-    noise, where the detail is decided."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return [sigma_max * (1 - i / steps) ** rho for i in range(steps + 1)]
+def sigma_schedule(steps, rho=1.5):
+    """steps+1 noise levels σ_i = (1 - i/steps)^ρ from 1 down to 0; ρ > 1 spends more steps at
+    low noise, where the detail is decided."""
+    if type(steps) is not int or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return [(1 - i / steps) ** rho for i in range(steps + 1)]
 
 
 def _lambda(sigma):
@@ -135,34 +154,38 @@ def sample_consistency(denoise, x, sigmas):
 SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m, 'consistency': sample_consistency}
 
 
+CFG_MIN_SIGMA = 0.2  # guide only the steps from σ > this (sample.py, eval.py, train.py's grids)
+
+
 @torch.no_grad()
-def generate(model, text_emb, cfg=7.0, steps=15, sampler='dpmpp2m', shape=None, noise=None,
-             generator=None, uncond_emb=None, known=None, mask=None, sigma_max=1.0, rho=1.5,
-             cfg_min_sigma=0.0):
-    """x0 for each text embedding (B, D_text) from x = σ_max·noise (default shape: the model's).
-    Guidance only at σ > cfg_min_sigma (Kynkäänniemi et al. 2024): below, cond - uncond is mostly
-    the model's small errors, which g > 1 amplifies. Outpainting: known (B, C, H, W) and mask
-    (B, 1, H, W), 1 = generate; every x0 prediction keeps the known region exactly."""
+def generate(model, text_emb, noise=None, cfg=7.0, steps=15, sampler='dpmpp2m', uncond_emb=None,
+             known=None, mask=None, cfg_min_sigma=CFG_MIN_SIGMA, generator=None):
+    """x0 (B, C, H, W) for text embeddings (B, D_text) from noise (B, C, H, W), or noise drawn
+    with generator at the model's trained size. Guidance only at σ > cfg_min_sigma (Kynkäänniemi
+    et al. 2024): below, cond - uncond is mostly the model's small errors, which g > 1 amplifies.
+    Outpainting: known (B, C, H, W) and mask (B, 1, H, W), 1 = generate; every x0 prediction
+    keeps the known region exactly."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}', expected one of {sorted(SAMPLERS)}")
+    if not 0 <= cfg_min_sigma < 1:
+        raise ValueError(f"cfg_min_sigma must be in [0, 1): no guidance below this σ; got "
+                         f"{cfg_min_sigma}")
     if noise is None:
-        shape = shape or (model.n_channels, *trained_size(model))
-        noise = torch.randn((len(text_emb), *shape), generator=generator, device=text_emb.device)
-
-    def denoiser(g):  # D(x, σ) at guidance scale g
-        if known is None:
-            return guided_denoiser(model, text_emb, g, uncond_emb)
-        inner = guided_denoiser(model, text_emb, g, uncond_emb, cond=masked_input(known, mask))
-        return lambda x, sigma: mask * inner(x, sigma) + (1 - mask) * known
-
-    sigmas = sigma_schedule(steps, sigma_max, rho)
+        shape = (len(text_emb), model.n_channels, *trained_size(model))
+        noise = torch.randn(shape, generator=generator, device=text_emb.device)
+    sigmas = sigma_schedule(steps)
     if sampler == 'consistency':  # the model's f, guided at every step: the steps are few
-        model = functools.partial(consistency_output, model)
-        cfg_min_sigma = 0.0
+        model, cfg_min_sigma = functools.partial(consistency_output, model), 0.0
+    cond = None if known is None else masked_input(known, mask)
+
+    def denoiser(g):  # D(x, σ) at guidance scale g; outpainting keeps the known region
+        denoise = guided_denoiser(model, text_emb, g, uncond_emb, cond)
+        return denoise if known is None else lambda x, s: torch.lerp(known, denoise(x, s), mask)
+
     # two solves, one per denoiser, so that DPM-Solver++(2M) never extrapolates across the switch
     # (from a guided prediction to an unguided one); only amplifying guidance, cfg > 1, is limited
     n_guided = sum(s > cfg_min_sigma for s in sigmas[:-1]) if cfg > 1 else steps
-    x = SAMPLERS[sampler](denoiser(cfg), sigma_max * noise.float(), sigmas[:n_guided + 1])
+    x = SAMPLERS[sampler](denoiser(cfg), noise.float(), sigmas[:n_guided + 1])
     return SAMPLERS[sampler](denoiser(1.0), x, sigmas[n_guided:])
 
 
@@ -179,8 +202,7 @@ def consistency_output(model, x, sigma, text_emb, cond=None):
     return c * x.float() + (1 - c * (1 - s)) * model(x, sigma, text_emb, cond=cond).float()
 
 
-def consistency_loss(model, teacher, x0, text_emb, gap, teacher_cfg=4.0, beta_a=1.0, beta_b=1.0,
-                     p_uncond=0.0):
+def consistency_loss(model, teacher, x0, text_emb, gap, teacher_cfg, beta_a, beta_b, p_uncond):
     """Consistency distillation: ‖f(x_t, t) - sg f(x_r, r)‖² / (t - r) for r = (1 - gap)·t, x_r a
     DDIM step from x_t of the frozen teacher guided at teacher_cfg: guidance goes into f."""
     t = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device).clamp(min=1e-3)

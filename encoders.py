@@ -1,26 +1,35 @@
 """
 The frozen encoders around the denoiser: text -> embedding, image <-> latent.
 
-    enc = TextEncoder('minilm')               # or 'clip:ViT-L/14', a hub name, a local dir
-    emb = enc(['a cat', 'a dog'])             # (2, 384) float32
-    codec = ImageCodec('stabilityai/sd-vae-ft-ema')   # or 'none', a TAESD dir, madebyollin/taesd
-    z = codec.encode(images)                  # (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) unscaled
-    images = codec.decode(z)                  # back to [-1, 1]
+    enc = TextEncoder('minilm')    # or 'clip:ViT-L/14', a hub name, a local dir
+    emb = enc(['a cat', 'a dog'])  # (2, 384) float32
+    codec = ImageCodec('taef2')    # shipped; or 'none', a TAESD dir, a diffusers VAE
+    z = codec.encode(images)       # (B, 3, H, W) in [-1, 1] -> (B, 32, H/8, W/8), unscaled
+    images = codec.decode(z)       # back to [-1, 1]
 
 Frozen, batched, in the denoiser's precision; transformers and diffusers are imported lazily.
+Bad names and files raise ValueError with a one-line message (the scripts print it and exit).
 """
 import contextlib
+import hashlib
 import json
 import os
+import pickle
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import fail
 from model import autocast, resolve_dtype
 
 TEXT_ENCODERS = {'clip:ViT-L/14': 'openai/clip-vit-large-patch14'}  # short names of hub models
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+SHIPPED_VAES = {'taef2': {  # weights in this repo (weights/taef2/README.md): file -> sha256
+    'taef2_encoder.safetensors':
+        'f378e3ef4db6bfacb7aad0b5b6250a3f96299080ab19dc478d3a42778935a330',
+    'taef2_decoder.safetensors':
+        '1ad8daa252ac9e4aa5a7571c1573f2fca30c3a193719e93b91498fd38b32cf77'}}
 
 
 def _is_path(name):
@@ -33,12 +42,14 @@ def _from_pretrained(what, name, load, path, **kwargs):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury prepare.py's own progress
     if _is_path(path) and not os.path.isdir(path):
-        fail(f"{what} '{name}': no such directory '{path}'")
+        raise ValueError(f"{what} '{name}': no such directory '{path}'")
     try:
         return load(path, local_files_only=os.path.isdir(path), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
         reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-        fail(f"{what} '{name}': cannot load '{path}': {reason}")
+        if re.search(r'weights.only', reason, re.I):  # torch's advice to unpickle: never ours
+            reason = 'its weights are a pickle that is not plain tensors, so it is not loaded'
+        raise ValueError(f"{what} '{name}': cannot load '{path}': {reason}") from None
 
 
 def _sentence_settings(path):
@@ -50,11 +61,11 @@ def _sentence_settings(path):
 
     def read(*parts):
         f = os.path.join(path, *parts)
-        return json.load(open(f)) if os.path.isfile(f) else {}
+        return json.load(open(f, encoding='utf-8')) if os.path.isfile(f) else {}
     modes = [k[len('pooling_mode_'):] for k, v in read('1_Pooling', 'config.json').items()
              if k.startswith('pooling_mode_') and v]
     if modes and modes not in (['mean_tokens'], ['cls_token']):
-        fail(f"text encoder '{path}': pooling {modes} is not supported (mean or cls)")
+        raise ValueError(f"text encoder '{path}': pooling {modes} is not supported (mean or cls)")
     return ('cls' if modes == ['cls_token'] else 'mean',
             any(m['type'].endswith('.Normalize') for m in read('modules.json') or []),
             read('sentence_bert_config.json').get('max_seq_length'))
@@ -149,22 +160,39 @@ class TinyAutoencoder(nn.Module):
         self.decoder = nn.Sequential(*dec, TinyBlock(), _conv(64, 3))
 
 
-def load_taesd(path):
-    """A dir's one NAME_encoder/decoder.pth pair; their shapes and keys give C and TAEF2's pool."""
-    names = [f.removesuffix('_encoder.pth') for f in sorted(os.listdir(path))
-             if f.endswith('_encoder.pth')]
-    names = [n for n in names if os.path.isfile(os.path.join(path, f'{n}_decoder.pth'))]
+def _state_dict(path):
+    """A state dict from .safetensors, or a .pth through torch.load(weights_only=True)."""
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def load_taesd(path, sha256=None):
+    """A dir's one NAME_encoder/decoder pair (.safetensors, else .pth); their shapes and keys give C
+    and TAEF2's pool. sha256: {file: digest} that the files must match (the shipped weights)."""
+    files = sorted(os.listdir(path))
+    ext = '.safetensors' if any(f.endswith('_encoder.safetensors') for f in files) else '.pth'
+    names = [f.removesuffix('_encoder' + ext) for f in files if f.endswith('_encoder' + ext)]
+    names = [n for n in names if f'{n}_decoder{ext}' in files]
     if len(names) != 1:
-        fail(f"vae '{path}': expected one TAESD pair NAME_encoder.pth, NAME_decoder.pth: {names}")
+        raise ValueError(f"vae '{path}': expected one TAESD pair NAME_encoder{ext}, "
+                         f"NAME_decoder{ext}, found {names}")
+    paths = [os.path.join(path, f'{names[0]}_{part}{ext}') for part in ('encoder', 'decoder')]
+    for p in paths if sha256 else []:
+        with open(p, 'rb') as f:
+            if hashlib.sha256(f.read()).hexdigest() != sha256.get(os.path.basename(p)):
+                raise ValueError(f"{p}: not the file of weights/{os.path.basename(path)}/README.md "
+                                 f"(sha256 differs): damaged or replaced")
     try:
-        sd = [torch.load(os.path.join(path, f'{names[0]}_{part}.pth'), map_location='cpu',
-                         weights_only=True) for part in ('encoder', 'decoder')]
+        sd = [_state_dict(p) for p in paths]
         model = TinyAutoencoder(sd[0]['14.weight'].shape[0], any('.pool.' in k for k in sd[0]))
         model.encoder.load_state_dict(sd[0])
         model.decoder.load_state_dict(sd[1])
     except Exception as e:  # unreadable, unsafe or another architecture: one line, no traceback
         reason = ' '.join(str(e).split()).split('. ')[0][:150] or type(e).__name__
-        fail(f"vae '{path}': {names[0]}_*.pth are not 8x TAESD state dicts: {reason}")
+        raise ValueError(f"vae '{path}': {names[0]}_*{ext} are not 8x TAESD state dicts: "
+                         f"{reason}") from None
     return model
 
 
@@ -173,7 +201,8 @@ class ImageCodec:
     (B, C, H/f, W/f); scale_factor: the codec's own scale, None where prepare.py measures one.
 
     'none'         pixel space: the identity, C = 3, f = 1, scale_factor 1.
-    a TAESD dir    NAME_encoder.pth, NAME_decoder.pth from github.com/madebyollin/taesd: f = 8.
+    'taef2'        the TAEF2 weights in weights/taef2 (FLUX.2's 32-channel latents): f = 8.
+    a TAESD dir    NAME_encoder/decoder .safetensors or .pth, from github.com/madebyollin/taesd.
     anything else  a diffusers AutoencoderKL or AutoencoderTiny (e.g. madebyollin/taesd), hub name
                    or local dir, told apart by its config ('org/repo/vae': a pipeline's vae)."""
 
@@ -184,8 +213,11 @@ class ImageCodec:
         self._encode = self._decode = lambda x: x  # pixel space
         if vae == 'none':
             return
-        if os.path.isdir(vae) and any(f.endswith('_encoder.pth') for f in os.listdir(vae)):
-            self.vae, self.downsample = load_taesd(vae), 8  # no scale: prepare.py measures one
+        path = os.path.join(WEIGHTS_DIR, vae) if vae in SHIPPED_VAES else vae
+        if os.path.isdir(path) and any(f.endswith(('_encoder.pth', '_encoder.safetensors'))
+                                       for f in os.listdir(path)):
+            self.vae = load_taesd(path, SHIPPED_VAES.get(vae))  # no scale: prepare.py measures one
+            self.downsample = 8
             self.channels, self.scale_factor = self.vae.encoder[-1].out_channels, None
             self._encode = lambda x: self.vae.encoder(x.add(1).div(2))  # TAESD's images: [0, 1]
             self._decode = lambda z: self.vae.decoder(z).mul(2).sub(1)
@@ -203,9 +235,11 @@ class ImageCodec:
                                     subfolder=sub, low_cpu_mem_usage=False)  # no accelerate nag
         cfg, kind = self.vae.config, type(self.vae).__name__
         if kind not in ('AutoencoderKL', 'AutoencoderTiny'):
-            fail(f"vae '{vae}' is a {kind}; expected an AutoencoderKL or AutoencoderTiny")
+            raise ValueError(f"vae '{vae}' is a {kind}; expected an AutoencoderKL or "
+                             f"AutoencoderTiny")
         if getattr(cfg, 'shift_factor', None):  # SD3/Flux: model space would be (z - shift)·scale
-            fail(f"vae '{vae}' has a shift_factor: only scale-only VAEs (SD 1.x/2.x, SDXL) work")
+            raise ValueError(f"vae '{vae}' has a shift_factor: only scale-only VAEs (SD 1.x/2.x, "
+                             f"SDXL) work")
         self.channels, self.scale_factor = cfg.latent_channels, float(cfg.scaling_factor)
         if kind == 'AutoencoderKL':  # one 2x downsample between blocks; the posterior mean
             self.downsample = 2 ** (len(cfg.block_out_channels) - 1)

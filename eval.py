@@ -46,19 +46,21 @@ import numpy as np
 import torch
 
 from configurator import configure, fail
+from diffusion import CFG_MIN_SIGMA
+from encoders import TextEncoder
 from metrics import (InceptionFeatures, clip_or_reason, distinct_rows, measure, real_features,
                      real_images)
 
 # -----------------------------------------------------------------------------
 # what to evaluate
-out_dir = 'out'  # the training run: out_dir/ckpt.pt
+out_dir = 'out-tiny'  # the training run: out_dir/ckpt.pt
 ckpt = ''  # or a checkpoint file, which wins over out_dir
 data_dir = ''  # prepared data whose held-out captions are the prompts; default: the checkpoint's
 # the settings: every combination of these four lists is one row of the table
 cfg = [7.0]  # --cfg 1,3,5,7 or --cfg 1 3 5 7
-cfg_min_sigma = [0.2]  # guidance only at σ > this (as sample.py)
+cfg_min_sigma = [CFG_MIN_SIGMA]  # guidance only at σ > this (as sample.py)
 steps = [15]
-sampler = ['dpmpp2m']  # --sampler ddim dpmpp2m
+sampler = ['']  # '' = the checkpoint's (dpmpp2m; a few-step model's own), or --sampler ddim dpmpp2m
 n_prompts = 64  # captions of each split to prompt with: a seeded random subset; 0 = all of them
 n_per_prompt = 4  # images per prompt (diversity needs 2 or more)
 seed = 0  # image i of a setting starts from the noise of seed + i; subsets are drawn with it too
@@ -76,7 +78,9 @@ dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: as sample.py (bf16 whe
 batch_size = 64  # images per denoiser forward
 # -----------------------------------------------------------------------------
 
-SPLITS = ('val', 'heldout')  # the caption splits prompted from, those the data has
+SPLITS = ('val', 'heldout', 'natural')  # the caption splits prompted from, those the data has
+PHRASINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'emoji',
+                         'phrasings.tsv')  # the emoji set's natural split: emoji <tab> phrasing
 METRICS = ('top1', 'top5', 'rank', 'diversity', 'fid', 'kid', 'clip')
 KINDS = dict(top1='pct', top5='pct', rank='rank', kid='kid')
 
@@ -97,7 +101,9 @@ def table(rows, baselines):
     """One split's results as a markdown table, baselines last."""
     lines = ["| sampler | cfg | at σ > | steps | top1 | top5 | rank | diversity | FID | KID×10³ "
              "| CLIP | images | img/s |", "|" + "---|" * 13]
-    cells = lambda r: " | ".join(fmt(r[m], KINDS.get(m, '')) for m in METRICS)
+    se = lambda r: f" ±{100 * r['top5_se']:.1f}" if r.get('top5_se') else ''
+    cells = lambda r: " | ".join(fmt(r[m], KINDS.get(m, '')) + (se(r) if m == 'top5' else '')
+                                 for m in METRICS)
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['cfg']:g} | {r['cfg_min_sigma']:g} | {r['steps']} | "
                      f"{cells(r)} | {r['n_images']} | {r['images_per_s']:.1f} |")
@@ -115,7 +121,7 @@ def check_settings():
         if not values:
             fail(f"--{key} is empty")
     for s in sampler:
-        if s not in SAMPLERS:
+        if s not in ('', *SAMPLERS):
             fail(f"--sampler must be among {sorted(SAMPLERS)}, got '{s}' (several: --sampler "
                  f"ddim dpmpp2m)")
     if any(not 0 <= m < 1 for m in cfg_min_sigma):
@@ -159,34 +165,64 @@ def load_run():
 
 def output_path():
     """--out or eval.json beside the checkpoint, numbered (eval-1.json, ...) where that or its
-    grids' folder exists, so that a run never replaces an earlier one."""
-    from sample import unused_path
+    grids' folder exists, taken at once so that no run replaces another's, even at the same time;
+    a folder that cannot be written fails here, before the work."""
+    from prepare import claim_new
     source = ckpt or out_dir
     folder = source if os.path.isdir(source) else os.path.dirname(source)
-    return unused_path(out or os.path.join(folder, 'eval.json'))
+    try:
+        return claim_new(out or os.path.join(folder, 'eval.json'))
+    except OSError as e:
+        fail(f"cannot write the results: {e}")
+
+
+def natural_split(data):
+    """The emoji set's natural phrasings ("a sleepy cat"), written by hand, never trained on:
+    -> (training rows of their emoji, phrasings), or None for other data."""
+    if data.meta.get('source') != 'emoji' or not os.path.isfile(PHRASINGS):
+        return None
+    with open(os.path.join(data.data_dir, 'captions.jsonl'), encoding='utf-8') as f:
+        row_of = {}
+        for i, line in enumerate(f):
+            row_of.setdefault(json.loads(line)['key'], i)  # emoji -> its first training row
+    with open(PHRASINGS, encoding='utf-8') as f:
+        pairs = [line.rstrip('\n').split('\t') for line in f if line.strip()]
+    pairs = [(row_of[e], p) for e, p in pairs if e in row_of]
+    return np.array([r for r, _ in pairs]), [p for _, p in pairs]
 
 
 def split_prompts(data, name, real):
     """One caption split's prompts: a seeded subset of its captions, each with its own image.
     None when the data has no such split."""
     from sample import decode_latents
-    latents = getattr(data, f'{name}_latents', None)
-    if latents is None or len(latents) == 0:
-        return None
-    rows = np.arange(len(latents))
+    if name == 'natural':  # captions of training rows' images, encoded here
+        if (natural := natural_split(data)) is None:
+            return None
+        source_rows, captions = natural
+        latents = data.latents
+    else:
+        latents = getattr(data, f'{name}_latents', None)
+        if latents is None or len(latents) == 0:
+            return None
+        captions = getattr(data, f'{name}_captions')
+        source_rows = np.arange(len(latents))
+    rows = np.arange(len(captions))
     if 0 < n_prompts < len(rows):
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), n_prompts, replace=False))
-    captions = getattr(data, f'{name}_captions')
-    split = dict(name=name, rows=rows, captions=[captions[i] for i in rows],
-                 text_emb=torch.from_numpy(np.asarray(getattr(data, f'{name}_text_emb')[rows],
-                                                      dtype=np.float32)))  # (P, D)
-    split['images'] = decode_latents(real['codec'], data.to_tensor(latents[rows]))
+    captions, source_rows = [captions[i] for i in rows], source_rows[rows]
+    if name == 'natural':  # the data's own text encoder, as prepare.py used it
+        text_emb = TextEncoder(data.meta['text_encoder'], device, dtype)(captions).float().cpu()
+    else:
+        text_emb = torch.from_numpy(np.asarray(getattr(data, f'{name}_text_emb')[source_rows],
+                                               dtype=np.float32))  # (P, D)
+    split = dict(name=name, rows=rows, captions=captions, text_emb=text_emb,
+                 images=decode_latents(real['codec'], data.to_tensor(latents[source_rows])))
     if fid:  # the real images' FID/KID: as many distinct images of the split as a row has
         pick = distinct_rows(latents, len(rows) * n_per_prompt, np.random.default_rng(seed))
         split['fid_images'] = decode_latents(real['codec'], data.to_tensor(latents[pick]))
     if real['images'] is not None:
-        offset = real['offsets'][name]
-        split['targets'] = real['images'].row_class[offset + torch.from_numpy(rows)]  # (P,)
+        offset = 0 if name == 'natural' else real['offsets'][name]
+        split['targets'] = real['images'].row_class[offset + torch.from_numpy(source_rows)]
     return split
 
 
@@ -231,6 +267,7 @@ def sweep(pipe, split, settings, real, scorers, json_path):
     pipe.sample_latents(emb[:2], noise[:2], cfg=3.0, steps=1)  # warm up: a fair first img/s
     rows = []
     for s, g, lo, k in settings:
+        s, g = pipe.sampling(s, g)  # a few-step model: its own sampler, guidance in its weights
         t0 = time.time()
         x0 = pipe.sample_latents(emb, noise, cfg=g, steps=k, sampler=s, batch_size=batch_size,
                                  cfg_min_sigma=lo)
@@ -278,7 +315,17 @@ def scorers_or_skips(checkpoint, data, pipe, n_images):
 def main():
     settings = check_settings()
     checkpoint, source, data, data_path, pipe = load_run()
-    json_path = output_path()
+    json_path = output_path()  # taken now; given back if the run fails
+    try:
+        evaluate(settings, checkpoint, source, data, data_path, pipe, json_path)
+    except BaseException:
+        if os.path.getsize(json_path) == 0:
+            os.remove(json_path)
+        raise
+
+
+def evaluate(settings, checkpoint, source, data, data_path, pipe, json_path):
+    """Every split, every setting: the report in json_path."""
     fidelity, offsets = real_images(data, pipe.codec, SPLITS)
     real = dict(codec=pipe.codec, images=fidelity, offsets=offsets)
     splits = [s for s in (split_prompts(data, name, real) for name in SPLITS) if s is not None]
@@ -311,8 +358,8 @@ def main():
 def write_report(json_path, report):
     from prepare import replacing
     os.makedirs(os.path.dirname(json_path) or '.', exist_ok=True)
-    with replacing(json_path) as tmp, open(tmp, 'w') as f:
-        json.dump(report, f, indent=1)
+    with replacing(json_path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
     info = report['fid_real']
     for name, split in report['splits'].items():
         print(f"\n### {name}: {split['n_prompts']} prompts × {report['n_per_prompt']} images\n")

@@ -3,7 +3,7 @@ A one-shot check of the GPU paths, printed as a markdown table, one row as each 
 
     python gpu_check.py                          # on a GPU, at the base model's size
     python gpu_check.py --device=cpu --tiny --compile=False   # the same checks, tiny, on a CPU
-    python gpu_check.py --max_minutes=10                      # more time for a slower GPU
+    python gpu_check.py --max_minutes=20                      # more time for a slower GPU
 
 - attention: F.scaled_dot_product_attention against softmax(q kᵀ / √d) v in fp32 matmuls, at the
   model's self-attention (N keys) and cross-attention (2 keys) shapes, in fp32 and in the dtype
@@ -23,8 +23,9 @@ A one-shot check of the GPU paths, printed as a markdown table, one row as each 
   evaluation (there should be none).
 
 Each check builds its own data; a failing check is a FAIL row with its error, the others still
-run. Every child process gets the time that is left; after max_minutes the run stops, whatever
-hangs, with the rows it has. The exit status is 1 if a check failed or did not run.
+run; each row ends with the seconds its check took. Every child process gets the time that is
+left; after max_minutes the run stops, whatever hangs (torchrun's workers included), with the
+rows it has. The exit status is 1 if a check failed or did not run.
 """
 import inspect
 import json
@@ -54,13 +55,14 @@ compile = True  # train.py's run compiled, as config/base.py has it
 nproc = 1  # torchrun processes for the resume check, one GPU each
 train_steps = 10  # timed train steps, after 3 warmup ones
 n_images = 36  # images sampled at once
-max_minutes = 4.0  # stop after this long with the rows so far, exit status 1
+max_minutes = 9.0  # stop after this long with the rows so far, exit status 1; fits a cold H100
 seed = 0
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: globals()[k] for k in config_keys(globals())}  # the settings: the names above
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GRACE_S = 10  # past max_minutes, before the watchdog ends a check that hangs in this process
+TERM_WAIT_S = 5  # after SIGTERM, before SIGKILL: torchrun stops its workers (< GRACE_S)
 TINY = dict(n_channels=4, image_size=8, patch_size=2, embed_dim=32, n_layers=2, mlp_multiplier=2,
             head_dim=16, text_emb_size=16)
 TINY_ARGS = ['--embed_dim=32', '--n_layers=2', '--head_dim=16', '--mlp_multiplier=2',
@@ -143,7 +145,7 @@ def check_train_step(tmp):
 
     def step():
         with autocast(device, dtype):
-            loss = training_loss(model, x0, text)
+            loss = training_loss(model, x0, text, 'x0', 1.0, 2.5, 0.15)  # train.py's defaults
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -236,8 +238,7 @@ def check_sampling(tmp):
 
 def run_child(cmd, env=None):
     """Run cmd until it ends or the time left runs out -> (returncode, stdout and stderr in the
-    order written); returncode None when it was stopped. Its own process group, so that stopping
-    it also stops torchrun's workers."""
+    order written); returncode None when it was stopped, with all it started (see kill)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True,
                             env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
@@ -247,16 +248,68 @@ def run_child(cmd, env=None):
         return proc.returncode, output
     except subprocess.TimeoutExpired:
         kill(proc)
-        return None, proc.communicate()[0]
+        try:  # the rest of the output; a process that escaped kill may hold the pipe open
+            return None, proc.communicate(timeout=2)[0]
+        except subprocess.TimeoutExpired as e:
+            proc.stdout.close()
+            return None, (e.output or b'').decode(errors='replace')  # bytes, read so far
     finally:
         running.discard(proc)
 
 
 def kill(proc):
+    """Stop a child and everything it started. SIGTERM first: torchrun forwards it to its
+    workers and waits for them. Then SIGKILL to what is left: torchrun starts each worker in a
+    session of its own, out of the child's process group, so the workers are found by their
+    parent links, taken before the child ends and its workers become orphans."""
+    family = descendants(proc.pid)
+    proc.terminate()  # nothing, if it has ended
     try:
+        proc.wait(timeout=TERM_WAIT_S)
+    except subprocess.TimeoutExpired:
+        family.update(descendants(proc.pid))  # still running, its pid still its own
+    for pid, start in family.items():
+        stat = proc_stat(pid)
+        if stat and stat[1] == start:  # the same process, not a later one with its pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    try:  # the child, and the rest of its group: what an ended worker left behind, say
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    try:
+        proc.wait(timeout=TERM_WAIT_S)  # a process stuck in the driver may outlive SIGKILL
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def proc_stat(pid):
+    """(parent pid, start time) from /proc/<pid>/stat, None for a process that is gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()  # after the name, which may hold ')'
+    except OSError:
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def descendants(pid):
+    """{pid: start time} of pid's children, theirs, and so on, from the parent pids in /proc
+    (no psutil here; no /proc, none). The start time tells a process from a later one that
+    reuses its pid."""
+    children = {}
+    for name in os.listdir('/proc') if os.path.isdir('/proc') else []:
+        stat = proc_stat(name) if name.isdigit() else None
+        if stat:
+            children.setdefault(stat[0], []).append((int(name), stat[1]))
+    found, todo = {}, [pid]
+    while todo:
+        for child, start in children.get(todo.pop(), []):
+            found[child] = start
+            todo.append(child)
+    return found
 
 
 def child_error(output):

@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 FEATURE_SIZE = 16  # the emoji metrics' images are average-pooled to FEATURE_SIZE × FEATURE_SIZE
 INCEPTION_SIZE = 299
@@ -84,17 +85,22 @@ def real_images(data, codec, splits=()):
             parts.append(latents)
     rows = np.concatenate([np.asarray(p) for p in parts])  # (N, C, h, w), one image many times
     distinct, inverse = np.unique(rows.reshape(len(rows), -1), axis=0, return_inverse=True)
-    pooled = torch.cat([F.adaptive_avg_pool2d(decode_latents(codec, data.to_tensor(
+    key = hashlib.sha1(f"{codec.name} {FEATURE_SIZE}".encode() + distinct.tobytes()).hexdigest()
+    decode = lambda i: F.adaptive_avg_pool2d(decode_latents(codec, data.to_tensor(
         distinct[i:i + 256].reshape(-1, *rows.shape[1:]))), FEATURE_SIZE)
-        for i in range(0, len(distinct), 256)])  # (U, 3, 16, 16)
+    pooled, _ = cached_features(  # (U, 3, 16, 16): decoding them is eval.py's slow start
+        os.path.join(data.data_dir, 'fid_cache', f"pooled_{key[:16]}.npy"),
+        lambda: in_chunks(decode, len(distinct), 256, 'real images, decoded once'))
     return RealImages(pooled[torch.from_numpy(inverse.reshape(-1))]), offsets
 
 
-def prompt_fidelity(real, feats, targets):
+def prompt_fidelity(real, feats, targets, n_per_prompt=1):
     """Fractions of images whose nearest real image is their target class (top1), or among the 5
-    nearest (top5)."""
+    nearest (top5), and top5's standard error over prompts (the images of a prompt go together)."""
     hit = real.nearest(feats, 5) == targets[:, None]  # (B, 5)
-    return hit[:, 0].float().mean().item(), hit.any(1).float().mean().item()
+    per_prompt = hit.any(1).float().view(-1, n_per_prompt).mean(1)  # (P,)
+    se = (per_prompt.std() / len(per_prompt) ** 0.5).item() if len(per_prompt) > 1 else None
+    return hit[:, 0].float().mean().item(), hit.any(1).float().mean().item(), se
 
 
 def target_rank(real, feats, targets):
@@ -257,6 +263,17 @@ class RealFeatures:
         return min(self.kid_subset_size, self.n, n)
 
 
+def in_chunks(fn, n, chunk, desc):
+    """torch.cat of fn(i) for i = 0, chunk, 2·chunk, ... < n, with a progress bar that is gone
+    before an error is printed."""
+    parts = []
+    with tqdm(total=n, desc=desc, unit='img', leave=False) as bar:
+        for i in range(0, n, chunk):
+            parts.append(fn(i))
+            bar.update(min(chunk, n - i))
+    return torch.cat(parts)
+
+
 def cached_features(path, compute):
     """(features, True) from the .npy at path, else (compute(), False) saved there atomically. An
     unwritable place is no error: the features are then only not cached."""
@@ -272,7 +289,7 @@ def cached_features(path, compute):
         with replacing(path) as tmp, open(tmp, 'wb') as f:
             np.save(f, feats.numpy())
     except OSError as e:
-        print(f"note: cannot cache the real images' FID features at {path} ({e.strerror})")
+        print(f"note: cannot cache the real images' features at {path} ({e.strerror})")
     return feats, False
 
 
@@ -344,8 +361,8 @@ def real_features(inception, size, data, codec, folder='', limit=2048, seed=0, c
     path = os.path.join(data.data_dir, 'fid_cache', f"real_{key.hexdigest()[:16]}.npy")
     print(f"FID/KID real images: {count} {what} at {size[0]}x{size[1]} px", flush=True)
     t = time.time()
-    feats, hit = cached_features(path, lambda: torch.cat([inception(chunks(i))
-                                                          for i in range(0, count, chunk)]))
+    feats, hit = cached_features(path, lambda: in_chunks(
+        lambda i: inception(chunks(i)), count, chunk, 'Inception features of the real images'))
     print(f"  features {'read from' if hit else 'computed in'} {time.time() - t:.0f} s ({path})")
     return RealFeatures(feats), dict(source=what, n=count, image_size=list(size), cache=path)
 
@@ -400,15 +417,16 @@ def measure(images, targets, n_per_prompt, real, fid=None, clip_score=None, prom
     """Every metric of one setting. images (P·n, 3, H, W) in [0, 1], prompt-major; targets (P·n,)
     the class in real (RealImages) of each image's prompt (or None: no fidelity); fid a pair
     (InceptionFeatures, RealFeatures); clip_score a ClipScore with prompts (P·n,) the caption of
-    each image. -> {'top1', 'top5', 'rank', 'diversity', 'fid', 'kid', 'kid_std', 'clip',
-    'n_images'}, a missing metric None."""
-    row = dict(top1=None, top5=None, rank=None, diversity=None, fid=None, kid=None, kid_std=None,
-               clip=None, n_images=len(images))
+    each image. -> {'top1', 'top5', 'top5_se', 'rank', 'diversity', 'fid', 'kid', 'kid_std',
+    'clip', 'n_images'}, a missing metric None."""
+    row = dict(top1=None, top5=None, top5_se=None, rank=None, diversity=None, fid=None, kid=None,
+               kid_std=None, clip=None, n_images=len(images))
     if real is not None:
         feats = real.features(images)
         row['diversity'] = diversity(feats, n_per_prompt)
         if targets is not None:
-            row['top1'], row['top5'] = prompt_fidelity(real, feats, targets)
+            row['top1'], row['top5'], row['top5_se'] = prompt_fidelity(real, feats, targets,
+                                                                       n_per_prompt)
             row['rank'] = target_rank(real, feats, targets)
     if fid is not None and len(images) >= 2:
         inception, real_feats = fid

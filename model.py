@@ -21,6 +21,7 @@ The reference's block is Denoiser(conditioning='cross', text_prior=0).
 import contextlib
 import math
 import os
+import shutil
 
 import torch
 import torch.nn as nn
@@ -99,29 +100,35 @@ def modulate(x, shift, scale):
 
 
 class Block(nn.Module):
+    """x + attention, (the reference: + cross-attention to the context), + MLP; with adaLN, each
+    sublayer's input is normalised, then shifted and scaled, and its output gated, per sample."""
+
     def __init__(self, dim, head_dim, mlp_multiplier, dropout, conditioning):
         super().__init__()
         self.adaln = conditioning == 'adaln'
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=not self.adaln)
+        self.norm_attn = nn.LayerNorm(dim, elementwise_affine=not self.adaln)
         self.attn = Attention(dim, head_dim, dropout)
         if self.adaln:  # shift, scale, gate for the attention and for the MLP, from (σ, text)
             self.modulation = nn.Linear(dim, 6 * dim)
             nn.init.zeros_(self.modulation.weight)  # adaLN-Zero: each block starts as the identity
             nn.init.zeros_(self.modulation.bias)
         else:
-            self.norm2 = nn.LayerNorm(dim)
+            self.norm_cross = nn.LayerNorm(dim)
             self.cross = Attention(dim, head_dim, dropout)
-        self.norm3 = nn.LayerNorm(dim, elementwise_affine=not self.adaln)
+        self.norm_mlp = nn.LayerNorm(dim, elementwise_affine=not self.adaln)
         self.mlp = ConvMLP(dim, mlp_multiplier, dropout)
 
     def forward(self, x, c, grid):  # x (B, N, D); c: the context (B, L, D) or adaLN input (B, D)
         if not self.adaln:
-            x = x + self.attn(self.norm1(x))
-            x = x + self.cross(self.norm2(x), c)
-            return x + self.mlp(self.norm3(x), grid)
-        s1, c1, g1, s2, c2, g2 = self.modulation(c)[:, None].chunk(6, dim=-1)  # (B, 1, D)
-        x = torch.addcmul(x, g1, self.attn(modulate(self.norm1(x), s1, c1)))
-        return torch.addcmul(x, g2, self.mlp(modulate(self.norm3(x), s2, c2), grid))
+            x = x + self.attn(self.norm_attn(x))
+            x = x + self.cross(self.norm_cross(x), c)
+            return x + self.mlp(self.norm_mlp(x), grid)
+        (shift_attn, scale_attn, gate_attn,
+         shift_mlp, scale_mlp, gate_mlp) = self.modulation(c)[:, None].chunk(6, dim=-1)  # (B,1,D)
+        h = self.attn(modulate(self.norm_attn(x), shift_attn, scale_attn))
+        x = torch.addcmul(x, gate_attn, h)  # x + gate · h
+        h = self.mlp(modulate(self.norm_mlp(x), shift_mlp, scale_mlp), grid)
+        return torch.addcmul(x, gate_mlp, h)
 
 
 class Denoiser(nn.Module):
@@ -137,7 +144,7 @@ class Denoiser(nn.Module):
             raise ValueError(f"conditioning must be one of {CONDITIONINGS} and text_prior >= 0, "
                              f"got {conditioning!r} and {text_prior}")
         self.n_channels, self.cond_channels, self.patch_size = n_channels, cond_channels, patch_size
-        self.conditioning, D = conditioning, embed_dim
+        self.conditioning, self.has_prior, D = conditioning, text_prior > 0, embed_dim
         # (c p1 p2) order: the inputs of extra channels come after those of the image,
         # which is what lets widen_input() add channels without touching the old weights
         self.patch_in = nn.Linear((n_channels + cond_channels) * patch_size ** 2, D)
@@ -166,7 +173,7 @@ class Denoiser(nn.Module):
         grid = (x.shape[2] // p, x.shape[3] // p)
         tokens = rearrange(x, 'b c (h p1) (w p2) -> b h w (c p1 p2)', p1=p, p2=p)
         tokens = self.patch_in(tokens) + resize_positional_table(self.pos_emb, grid)  # (B,h,w,D)
-        if hasattr(self, 'prior_in'):  # the caption's own offset per position, (B, 8, 8, r)
+        if self.has_prior:  # the caption's own offset per position, (B, 8, 8, r)
             prior = self.prior_in(text_emb).view(len(text_emb), PRIOR_GRID, PRIOR_GRID, -1)
             tokens = tokens + self.prior_out(resize_positional_table(prior, grid))  # (B, h, w, D)
         tokens = tokens.flatten(1, 2)  # (B, N, D)
@@ -229,6 +236,25 @@ def resolve_dtype(dtype, device):
     return 'float32'
 
 
+def gpu_problem():
+    """Why this machine's NVIDIA GPU cannot run this torch, in one line, or None: a driver too old
+    for the wheel's CUDA (torch sees no GPU), or a GPU the wheel has no kernels for."""
+    if not torch.cuda.is_available():
+        if os.path.exists('/proc/driver/nvidia') or shutil.which('nvidia-smi'):
+            return (f"an NVIDIA GPU is here but torch {torch.__version__} cannot use it (built "
+                    f"for CUDA {torch.version.cuda or 'none: a CPU build'}; an older driver?): "
+                    f"running on the CPU. README, GPUs, says which torch to install")
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    archs = torch.cuda.get_arch_list()  # 'sm_80': binaries, 'compute_90': PTX for newer GPUs
+    cap, nums = 10 * major + minor, lambda p: [int(a[len(p):]) for a in archs if a.startswith(p)]
+    if archs and not any(a // 10 == major and a <= cap for a in nums('sm_')) \
+            and not any(a <= cap for a in nums('compute_')):
+        return (f"torch {torch.__version__} has no kernels for this GPU (sm_{cap}; it has "
+                f"{' '.join(archs)}): README, GPUs, says which torch to install")
+    return None
+
+
 def rng_state(device):
     """This process's CPU and own-GPU random state, for an exact resume."""
     cuda = torch.cuda.get_rng_state(device) if torch.device(device).type == 'cuda' else None
@@ -257,8 +283,8 @@ def load_checkpoint(path, device='cpu'):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at '{path}' "
                                 f"(train one with: python train.py config/tiny.py)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+    try:  # mmap: only what is used is read (sample.py needs the EMA weights, not AdamW's state)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:  # torch's own message would suggest unsafe loading: never say that
         raise ValueError(f"'{path}' is not a nanoTLD checkpoint (torch.load with weights_only "
                          f"failed: {type(e).__name__})") from None

@@ -4,7 +4,8 @@ one, data/emoji/README.md) latents.npy (N, C, H, W), text_emb.npy (N, D) and cap
 per image-caption pair, and meta.json; skipped.jsonl says what was skipped and why. Each batch is a
 checkpoint: a killed command, run again, resumes and ends with the bytes of an uninterrupted run.
 
-    python prepare.py --source=emoji             # pixel space + minilm -> data/prepared/emoji32
+    python prepare.py               # the emoji set at 128 px, TAEF2 -> data/prepared/emoji128-taef2
+    python prepare.py --image_size=32 --vae=none   # pixel space at 32 px -> data/prepared/emoji32
     python prepare.py --source=folder --input=pics/ --image_size=256 --vae=stabilityai/sd-vae-ft-ema
     python prepare.py --source=wds --input='shards/{00000..00009}.tar' --image_size=256 --vae=...
 
@@ -21,6 +22,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import sys
 import tarfile
 import time
@@ -32,7 +34,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from configurator import ConfigError, config_keys, configure, fail, settings
+from configurator import config_keys, configure, fail, read_text, settings
 from encoders import ImageCodec, TextEncoder
 from model import PTDTYPES
 
@@ -42,8 +44,8 @@ source = 'emoji'  # emoji | folder | wds
 input = ''  # emoji: data/emoji | folder: a dir | wds: .tar(s), a dir of them, 'a/{0..9}.tar'
 out_dir = ''  # '' -> data/prepared/emoji<image_size>, or data/prepared/<name of the input>
 text_encoder = 'minilm'  # minilm | clip:ViT-L/14 | a hub name or local dir (encoders.TextEncoder)
-vae = 'none'  # none: pixel space | a diffusers AutoencoderKL or a TAESD dir (encoders.ImageCodec)
-image_size = 32
+vae = 'taef2'  # the shipped TAEF2 | none: pixel space | a diffusers VAE or TAESD dir (encoders.py)
+image_size = 128
 min_image_size = None  # skip images whose shorter side is below this; None: image_size // 2
 batch_size = 64  # images per encoding step, and per resume checkpoint
 device = 'auto'  # auto: cuda when there is one
@@ -66,13 +68,35 @@ SPLITS = {'train': ('', 'n'), 'val': ('val_', 'n_val'), 'heldout': ('heldout_', 
 ARRAYS = ('latents.npy', 'text_emb.npy', 'captions.jsonl')  # per split, after its prefix
 IMAGE_EXTS = frozenset({'jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff'})
 EMOJI_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'emoji')
+EMOJI_FONT = 'NotoColorEmoji-set.ttf'  # Noto Color Emoji 2.042 cut to the set's glyphs (OFL)
 
 
 @contextlib.contextmanager
 def replacing(path):
-    """Write to path + '.tmp', then rename it over path: a kill leaves the old file or the new."""
-    yield path + '.tmp'
-    os.replace(path + '.tmp', path)
+    """Write to a temporary file of this writer's own beside path, then rename it over path: a kill
+    leaves the old file or the new, and an error removes the temporary file."""
+    tmp = f"{path}.{os.getpid()}-{secrets.token_hex(3)}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def claim_new(path):
+    """The first of path, path-1, path-2, ... that names neither a file nor a folder (an earlier
+    result's images), created empty at once: two writers never get the same name. -> that path;
+    fill it with replacing(). A folder that cannot be written raises OSError here, before work."""
+    stem, ext = os.path.splitext(path)
+    for k in itertools.count():
+        p = f"{stem}-{k}{ext}" if k else path
+        if not os.path.exists(os.path.splitext(p)[0]):
+            try:
+                os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                return p
+            except FileExistsError:
+                continue
 
 
 def write_json(path, obj):
@@ -94,30 +118,35 @@ class Prepared:
         self.data_dir, self.heldout_latents, self.heldout_text_emb = data_dir, None, None
         meta_path = os.path.join(data_dir, 'meta.json')
         if not os.path.isdir(data_dir):
-            fail(f"{data_dir}: no such directory (make it with: python prepare.py --source=emoji)")
+            raise ValueError(f"{data_dir}: no such directory (make it with: python prepare.py "
+                             f"--source=emoji)")
         if os.path.isfile(os.path.join(data_dir, 'progress.json')):
-            fail(f"{data_dir}: an unfinished prepare.py run; run the same command again to finish")
+            raise ValueError(f"{data_dir}: an unfinished prepare.py run; run the same command "
+                             f"again to finish")
         try:
             self.meta = meta = json.load(open(meta_path, encoding='utf-8'))
         except (OSError, ValueError) as e:
-            fail(f"{meta_path}: cannot read ({e}): {data_dir} is not a prepare.py output")
+            raise ValueError(f"{meta_path}: cannot read ({e}): {data_dir} is not a prepare.py "
+                             f"output")
         for split, (prefix, key) in SPLITS.items():
             if split == 'heldout' and key not in meta:
                 continue  # only the emoji set has held-out captions
             if not (n := meta.get(key)):
-                fail(f"{meta_path}: the {split} split is empty ({key}={n}): prepare more data")
+                raise ValueError(f"{meta_path}: the {split} split is empty ({key}={n}): prepare "
+                                 f"more data")
             for name, shape in (('latents', meta.get('latent_shape') or ()),
                                 ('text_emb', [meta.get('text_dim')])):
                 path = os.path.join(data_dir, f'{prefix}{name}.npy')
                 try:
                     a = np.load(path, mmap_mode='r')
                 except (OSError, ValueError) as e:
-                    fail(f"{path}: cannot read ({e})")
+                    raise ValueError(f"{path}: cannot read ({e})")
                 if a.shape != (n, *shape):
-                    fail(f"{path}: shape {a.shape}, expected {(n, *shape)} (from meta.json)")
+                    raise ValueError(f"{path}: shape {a.shape}, expected {(n, *shape)} (from "
+                                     f"meta.json)")
                 rows = np.linspace(0, n - 1, min(n, 64)).astype(int)  # a sample, evenly spread
                 if len(bad := rows[~np.isfinite(a[rows].reshape(len(rows), -1)).all(1)]):
-                    fail(f"{path}: row {bad[0]} holds NaN or inf: the file is broken")
+                    raise ValueError(f"{path}: row {bad[0]} holds NaN or inf: the file is broken")
                 setattr(self, prefix + name, a)
 
     def _captions(self, prefix):
@@ -127,9 +156,10 @@ class Prepared:
         try:
             captions = [json.loads(line)['caption'] for line in open(path, encoding='utf-8')]
         except (OSError, ValueError, KeyError) as e:
-            fail(f"{path}: cannot read captions ({e})")
+            raise ValueError(f"{path}: cannot read captions ({e})")
         if len(captions) != len(rows):
-            fail(f"{path}: {len(captions)} captions, expected {len(rows)} (a row of the .npy each)")
+            raise ValueError(f"{path}: {len(captions)} captions, expected {len(rows)} (a row of "
+                             f"the .npy each)")
         return captions
 
     def to_tensor(self, rows, device='cpu'):
@@ -158,6 +188,21 @@ class Skip(Exception):
     """An item that is skipped and counted: undecodable, too small, no caption, not downloaded."""
 
 
+def to_rgb(im):
+    """Any image PIL opens -> 8-bit RGB: transparency onto white, 16- and 32-bit grey ('I;16',
+    'I': a 16-bit PNG) scaled to 8 bits, float grey ('F') read as [0, 1] where it fits there."""
+    if im.mode.startswith('I'):
+        a = np.asarray(im, dtype=np.float64) / 257  # 65535 -> 255
+        im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+    elif im.mode == 'F':
+        a = np.asarray(im, dtype=np.float64)
+        a = a * 255 if a.max() <= 1 else a
+        im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+    if im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info:
+        im = Image.alpha_composite(Image.new('RGBA', im.size, 'white'), im.convert('RGBA'))
+    return im.convert('RGB')
+
+
 def read_image(f, size, min_size):
     """An image (path or file) -> (H, W, 3) uint8 RGB, size (H, W) or S: on white, centre crop."""
     H, W = (size, size) if isinstance(size, int) else size
@@ -167,11 +212,7 @@ def read_image(f, size, min_size):
             if min(w, h) >= min_size:
                 s = max(H, W)  # a JPEG is decoded at the smallest scale that covers s x s
                 im.draft('RGB', (-(-w * s // min(w, h)), -(-h * s // min(w, h))))
-                im = ImageOps.exif_transpose(im)  # phone photos are stored sideways with a tag
-                if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
-                    im = Image.alpha_composite(Image.new('RGBA', im.size, 'white'),
-                                               im.convert('RGBA'))
-                im = im.convert('RGB')
+                im = to_rgb(ImageOps.exif_transpose(im))  # phones store photos sideways + a tag
     except Exception as e:  # PIL raises many kinds for a broken file
         raise Skip(f"cannot decode ({type(e).__name__}: {str(e)[:120]})") from None
     if min(w, h) < min_size:
@@ -179,31 +220,65 @@ def read_image(f, size, min_size):
     return np.asarray(ImageOps.fit(im, (W, H), Image.BICUBIC))
 
 
+def render_emoji(font_path, emojis, size, canvas=160):
+    """Emoji drawn by a colour font (Noto Color Emoji's bitmaps are 109 px) -> (N, size, size, 3)
+    uint8: each glyph centred in the square around it, on white, resized with Lanczos."""
+    from PIL import ImageDraw, ImageFont, features
+    if not features.check('raqm'):  # without it a ZWJ sequence is drawn as several glyphs
+        raise ValueError("rendering the emoji needs Pillow with raqm (PyPI's Pillow wheels have "
+                         "it)")
+    try:
+        font = ImageFont.truetype(font_path, 109, layout_engine=ImageFont.Layout.RAQM)
+    except OSError as e:
+        raise ValueError(f"{font_path}: not a font Pillow can read ({e})") from None
+    one_glyph, tiles = font.getlength('\U0001F600') * 1.05, []
+    for e in emojis:
+        glyph = Image.new('RGBA', (canvas, canvas), (255, 255, 255, 0))
+        ImageDraw.Draw(glyph).text((canvas // 2, canvas // 2), e, font=font, embedded_color=True,
+                                   anchor='mm')
+        if (box := glyph.getbbox()) is None or font.getlength(e) > one_glyph:
+            raise ValueError(f"{font_path} cannot draw {e} ({e.encode('unicode_escape')}) as one "
+                             f"glyph")
+        x0, y0, x1, y1 = box
+        side = max(x1 - x0, y1 - y0)  # a square around the glyph, centred: nothing is stretched
+        x0, y0 = x0 - (side - (x1 - x0)) // 2, y0 - (side - (y1 - y0)) // 2
+        glyph = glyph.crop((x0, y0, x0 + side, y0 + side))  # out of bounds is transparent
+        tile = Image.alpha_composite(Image.new('RGBA', glyph.size, 'white'), glyph).convert('RGB')
+        tiles.append(np.asarray(tile.resize((size, size), Image.LANCZOS)))
+    return np.stack(tiles)
+
+
 def emoji_source(c):
-    """data/emoji: emoji.jsonl (the captions of each split) and emoji<S>.png (a 64-column atlas)."""
+    """data/emoji: emoji.jsonl (the captions of each split) and the images: emoji<S>.png (a
+    64-column atlas) where there is one, else rendered from the font shipped beside them."""
     root, S = c.input or EMOJI_DIR, c.image_size
     index, atlas_path = os.path.join(root, 'emoji.jsonl'), os.path.join(root, f'emoji{S}.png')
+    font_path = os.path.join(root, EMOJI_FONT)
     if not os.path.isfile(index):
-        fail(f"{index} not found: --input should be the emoji dir (default {EMOJI_DIR})")
-    if not os.path.isfile(atlas_path):
-        fail(f"{atlas_path} not found: the repo ships 32 px; render {S} px: data/emoji/build.py")
+        raise ValueError(f"{index} not found: --input should be the emoji dir (default "
+                         f"{EMOJI_DIR})")
     entries = [json.loads(line) for line in open(index, encoding='utf-8')]
-    atlas = np.asarray(Image.open(atlas_path).convert('RGB'))  # (rows·S, cols·S, 3)
-    rows, cols, n = atlas.shape[0] // S, atlas.shape[1] // S, len(entries)
-    if atlas.shape[:2] != (rows * S, cols * S) or not n <= rows * cols < n + cols:
-        fail(f"{atlas_path} is not an atlas of the {n} emoji in {index}: run data/emoji/build.py")
-    tiles = atlas.reshape(rows, S, cols, S, 3).swapaxes(1, 2).reshape(-1, S, S, 3)  # (K, S, S, 3)
+    if os.path.isfile(atlas_path):
+        atlas = np.asarray(Image.open(atlas_path).convert('RGB'))  # (rows·S, cols·S, 3)
+        rows, cols, n = atlas.shape[0] // S, atlas.shape[1] // S, len(entries)
+        if atlas.shape[:2] != (rows * S, cols * S) or not n <= rows * cols < n + cols:
+            raise ValueError(f"{atlas_path} is not an atlas of the {n} emoji in {index}")
+        tiles = atlas.reshape(rows, S, cols, S, 3).swapaxes(1, 2).reshape(-1, S, S, 3)
+    elif os.path.isfile(font_path):
+        tiles = render_emoji(font_path, [e['emoji'] for e in entries], S)  # (N, S, S, 3)
+    else:
+        raise ValueError(f"neither {atlas_path} nor {font_path} exists: --input should be the "
+                         f"emoji dir (default {EMOJI_DIR})")
     load = lambda e: (tiles[e['index']], dict(train=e['captions'], val=e['val_captions'],
                                               heldout=e['heldout_captions']))
-    return [(e['emoji'], functools.partial(load, e)) for e in entries], n, []
+    return [(e['emoji'], functools.partial(load, e)) for e in entries], len(entries), []
 
 
 def _load(image, captions, size, min_size):
     """A folder or wds item's load(): its captions (None: the image's .txt), then its image."""
     if captions is None:
         txt = os.path.splitext(image)[0] + '.txt'
-        captions = [open(txt, encoding='utf-8', errors='replace').read()] \
-            if os.path.isfile(txt) else []
+        captions = [read_text(txt)] if os.path.isfile(txt) else []  # not UTF-8: a ValueError
     captions = [' '.join(str(x).split()) for x in captions]  # newlines, runs of spaces -> a space
     if not any(captions):
         raise Skip('empty caption')
@@ -213,20 +288,21 @@ def _load(image, captions, size, min_size):
 def folder_source(c):
     """Images under --input, captioned by captions.csv/.jsonl (file, caption_col) or their .txt."""
     if not os.path.isdir(c.input):
-        fail(f"--input={c.input}: no such directory")
+        raise ValueError(f"--input={c.input}: no such directory")
     files = sorted(os.path.relpath(os.path.join(d, f), c.input) for d, _, names in
                    os.walk(c.input) for f in names if f.rsplit('.', 1)[-1].lower() in IMAGE_EXTS)
     table, skipped = None, []
     paths = [os.path.join(c.input, f'captions.{x}') for x in ('csv', 'jsonl')]
     if path := next(filter(os.path.isfile, paths), None):
-        with open(path, newline='', encoding='utf-8') as f:
-            try:
-                rows = list(csv.DictReader(f)) if path.endswith('.csv') else [
-                    json.loads(line) for line in f if line.strip()]
-            except json.JSONDecodeError as e:
-                fail(f"{path}: a line is not JSON ({e})")
+        text = read_text(path)  # not UTF-8: a ValueError naming the line
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline=''))) if path.endswith('.csv') \
+                else [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: a line is not JSON ({e})") from None
         if rows and not {'file', c.caption_col} <= set(rows[0]):
-            fail(f"{path}: needs the columns file and {c.caption_col}, has {sorted(rows[0])}")
+            raise ValueError(f"{path}: needs the columns file and {c.caption_col}, has "
+                             f"{sorted(rows[0])}")
         table = {}
         for r in rows:
             table.setdefault(os.path.normpath(str(r['file'])), []).append(r[c.caption_col] or '')
@@ -244,8 +320,9 @@ def wds_source(c):
     shards = sorted(glob.glob(os.path.join(c.input, '*.tar'))) if os.path.isdir(c.input) else \
         list(braceexpand(c.input))
     if not shards or (missing := [s for s in shards if not os.path.isfile(s)]):
-        fail(f"--input={c.input}: no such file {missing[0]} ({len(missing)} missing)" if shards
-             else f"--input={c.input}: no .tar shards in this directory")
+        raise ValueError(f"--input={c.input}: no such file {missing[0]} ({len(missing)} "
+                         f"missing)" if shards
+                         else f"--input={c.input}: no .tar shards in this directory")
     n = 0  # samples, from the tar headers as webdataset groups them: an upper bound
     for shard in shards:
         try:
@@ -289,7 +366,7 @@ class Writer:
             try:
                 f = self.files[key] = open(os.path.join(out_dir, name), 'r+b' if nbytes else 'wb')
             except OSError as e:
-                fail(f"cannot resume: {e}; pass --overwrite=True to start over")
+                raise ValueError(f"cannot resume: {e}; pass --overwrite=True to start over")
             f.truncate(nbytes)
             f.seek(nbytes or (128 if key[1] in self.row else 0))  # a new .npy: past its header
 
@@ -332,24 +409,23 @@ class Writer:
 
 def _settings(overrides):
     """DEFAULTS with the keyword overrides, checked, derived values resolved -> the namespace c."""
-    try:
-        c = settings(DEFAULTS, overrides)
-    except ConfigError as e:
-        fail(e)
+    c = settings(DEFAULTS, overrides)  # a ConfigError is a ValueError
     for key, allowed in CHOICES.items():
         if getattr(c, key) not in allowed:
-            fail(f"--{key}={getattr(c, key)}: expected one of {', '.join(allowed)}")
+            raise ValueError(f"--{key}={getattr(c, key)}: expected one of {', '.join(allowed)}")
     if c.image_size < 8 or c.batch_size < 1 or c.val_count < 1:
-        fail(f"--image_size={c.image_size}, --batch_size={c.batch_size} and --val_count="
-             f"{c.val_count}: expected at least 8, 1 and 1")
+        raise ValueError(f"--image_size={c.image_size}, --batch_size={c.batch_size} and "
+                         f"--val_count="
+                         f"{c.val_count}: expected at least 8, 1 and 1")
     if c.source != 'emoji' and not c.input:
-        fail(f"--source={c.source} needs --input (a dir or .tar shards)")
+        raise ValueError(f"--source={c.source} needs --input (a dir or .tar shards)")
     c.min_image_size = c.image_size // 2 if c.min_image_size is None else c.min_image_size
     c.device = ('cuda' if torch.cuda.is_available() else 'cpu') if c.device == 'auto' else c.device
     if c.device.startswith('cuda') and not torch.cuda.is_available():
-        fail(f"--device={c.device}: no CUDA device here (--device=cpu, or auto)")
+        raise ValueError(f"--device={c.device}: no CUDA device here (--device=cpu, or auto)")
     name = os.path.basename(os.path.normpath(c.input)).split('.')[0].split('{')[0] or c.source
-    name = f'emoji{c.image_size}' if c.source == 'emoji' else name
+    codec = '' if c.vae == 'none' else '-' + os.path.basename(os.path.normpath(c.vae))
+    name = f'emoji{c.image_size}{codec}' if c.source == 'emoji' else name
     c.out_dir = c.out_dir or os.path.join('data', 'prepared', name)
     return c
 
@@ -376,7 +452,7 @@ def _rows(c, batch, futures, n_items, writer):
             image, captions = future.result()
         except Skip as e:
             if str(e) == 'empty caption' and c.empty_caption == 'error':
-                fail(f"{key}: empty caption (--empty_caption=skip skips such items)")
+                raise ValueError(f"{key}: empty caption (--empty_caption=skip skips such items)")
             writer.skip(key, str(e))
             state['val_owed'] += val
             continue
@@ -424,8 +500,9 @@ def prepare(**overrides):
     if previous is not None and (old := previous.get('settings') or {}) != signature:
         diff = ', '.join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in signature.items()
                          if old.get(k) != v)
-        fail(f"{c.out_dir} holds a run with other settings ({diff}): pass --overwrite=True to "
-             f"replace it, or another --out_dir")
+        raise ValueError(f"{c.out_dir} holds a run with other settings ({diff}): pass "
+                         f"--overwrite=True to "
+                         f"replace it, or another --out_dir")
     if previous is not None and 'items_done' not in previous:
         print(f"{c.out_dir}: already prepared ({previous['n']} rows, {previous['n_val']} val)")
         return previous
@@ -436,15 +513,17 @@ def prepare(**overrides):
     sources = dict(emoji=emoji_source, folder=folder_source, wds=wds_source)
     items, n_items, skipped = sources[c.source](c)
     if (n_items := min(n_items, c.limit or n_items)) < (1 if c.source == 'emoji' else 2):
-        fail(f"--input={c.input or EMOJI_DIR}: {n_items} images found, too few to validate on one")
+        raise ValueError(f"--input={c.input or EMOJI_DIR}: {n_items} images found, too few to "
+                         f"validate on one")
     if previous is not None and previous['n_items'] != n_items:
-        fail(f"--input changed since this run began ({previous['n_items']} items, now "
-             f"{n_items}): pass --overwrite=True to start over")
+        raise ValueError(f"--input changed since this run began ({previous['n_items']} items, now "
+                         f"{n_items}): pass --overwrite=True to start over")
     os.makedirs(c.out_dir, exist_ok=True)
     text, codec = (TextEncoder(c.text_encoder, c.device, dtype=c.dtype),
                    ImageCodec(c.vae, c.device, dtype=c.dtype))
     if c.image_size % codec.downsample:
-        fail(f"--image_size={c.image_size}: not a multiple of the vae's factor {codec.downsample}")
+        raise ValueError(f"--image_size={c.image_size}: not a multiple of the vae's factor "
+                         f"{codec.downsample}")
     latent_shape = (codec.channels, *[c.image_size // codec.downsample] * 2)
     state = previous or dict(
         settings=signature, n_items=n_items, items_done=0, val_owed=0, moments=None, bytes={},
@@ -462,8 +541,9 @@ def prepare(**overrides):
 def _finish(c, writer, text, codec, latent_shape, seconds):
     state, counts = writer.state, writer.skip_counts
     if empty := [split for split in ('train', 'val') if not state['rows'][split]]:
-        fail(f"no usable items for the {empty[0]} split in --input={c.input or EMOJI_DIR}: "
-             f"skipped {dict(counts)} (see {os.path.join(c.out_dir, 'skipped.jsonl')})")
+        raise ValueError(f"no usable items for the {empty[0]} split in "
+                         f"--input={c.input or EMOJI_DIR}: "
+                         f"skipped {dict(counts)} (see {os.path.join(c.out_dir, 'skipped.jsonl')})")
     n, s1, s2 = np.array(state['moments'])  # per channel: values, sum, sum of squares
     mean = s1 / n  # a codec without a known scale gets unit variance per channel
     shift, scale = ((mean.tolist(), (1 / np.sqrt(s2 / n - mean ** 2)).tolist())
@@ -484,4 +564,7 @@ def _finish(c, writer, text, codec, latent_shape, seconds):
 
 
 if __name__ == '__main__':
-    prepare(**configure(dict(DEFAULTS), sys.argv[1:]))
+    try:
+        prepare(**configure(dict(DEFAULTS), sys.argv[1:]))
+    except ValueError as e:  # a setting, a file or an item that cannot be used: one line
+        fail(e)

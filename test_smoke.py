@@ -1,6 +1,7 @@
 """
-One end-to-end run, as a user goes through it: prepare a few emoji with the real offline text
-encoder, train a tiny model for 50 steps, sample from it, evaluate it. Under a minute on 2 cores.
+One end-to-end run, as a user goes through it: prepare a few emoji at 128 px with the real
+offline text encoder and the shipped TAEF2, train config/tiny.py's latent model for 50 steps,
+sample from it, evaluate it. About a minute on 2 cores.
 
     python -m pytest -q test_smoke.py     # the whole suite: python -m pytest -q tests test_smoke.py
 """
@@ -17,9 +18,9 @@ from conftest import run_script  # noqa: E402
 
 def test_prepare_train_sample_evaluate(tmp_path):
     data, out = tmp_path / 'emoji', tmp_path / 'out'
-    run_script('prepare.py', '--source=emoji', '--limit=48', f'--out_dir={data}', '--dtype=float32')
+    run_script('prepare.py', '--limit=48', f'--out_dir={data}', '--dtype=float32')
     meta = json.load(open(data / 'meta.json'))
-    assert meta['latent_shape'] == [3, 32, 32] and meta['text_dim'] == 384 and meta['n'] > 200
+    assert meta['latent_shape'] == [32, 16, 16] and meta['text_dim'] == 384 and meta['n'] > 200
 
     proc = run_script('train.py', 'config/tiny.py', f'--data_dir={data}', f'--out_dir={out}',
                       '--max_minutes=0', '--max_iters=50', '--eval_interval=50',

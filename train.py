@@ -17,12 +17,20 @@ Infiniband). out_dir and the data on a filesystem all nodes share (or the data c
 The global batch, batch_size * gradient_accumulation_steps, is the same on any number of processes:
 with fewer micro-steps than processes, the micro-batch is split (the first log line says how).
 """
-import copy
-import math
-import os
-import shutil
 import signal
 import sys
+
+# Ctrl-C before the training loop (in the imports, preparing the data): one line, no traceback
+signal.signal(signal.SIGINT, lambda *_: sys.exit("error: interrupted before training began"))
+
+import copy  # after the handler: importing torch takes seconds
+import errno
+import fcntl
+import functools
+import math
+import os
+import re
+import shutil
 import time
 import warnings
 from datetime import timedelta
@@ -34,11 +42,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 import prepare
-from diffusion import (add_noise, consistency_loss, consistency_output, generate, make_mask,
-                       masked_input, random_masks, trained_size, training_loss)
+from diffusion import (CFG_MIN_SIGMA, consistency_output, generate, make_mask, random_masks,
+                       trained_size, training_loss, x0_error)
 from encoders import ImageCodec, TextEncoder
-from model import (Denoiser, autocast, finetune_from, load_checkpoint, resolve_dtype, rng_state,
-                   set_rng_state)
+from model import (Denoiser, autocast, finetune_from, gpu_problem, load_checkpoint, resolve_dtype,
+                   rng_state, set_rng_state)
 from prepare import Prepared, incompatibility, latent_norm, replacing
 from sample import decode_latents, save_grid
 
@@ -55,7 +63,7 @@ wandb_log = False  # wandb is imported only when this is on; WANDB_MODE=offline 
 wandb_project = 'nanotld'
 wandb_run_name = 'run'
 # data
-data_dir = 'data/prepared/emoji32'  # prepare.py's output; the emoji set is prepared on first use
+data_dir = 'data/prepared/emoji128-taef2'  # prepare.py's output; the emoji set's on first use
 batch_size = 64  # rows a micro-step: the global batch is batch_size * gradient_accumulation_steps
 gradient_accumulation_steps = 1  # micro-steps in total over all processes (see the docstring)
 # model (the image size, channels and text width come from the data)
@@ -96,7 +104,7 @@ eval_sigmas = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels: val losses compar
 n_sample = 16  # val captions in the sample grid
 sample_prompts = ()  # or your own prompts for the grid (text-to-image only), encoded at the start
 sample_cfg = 5.0
-sample_cfg_min_sigma = 0.2  # guide only the steps from σ > this, as sample.py does
+sample_cfg_min_sigma = CFG_MIN_SIGMA  # guide only the steps from σ > this, as sample.py does
 sample_steps = 20
 # system
 seed = 1337
@@ -107,6 +115,8 @@ ddp_timeout_minutes = 30  # how long a rank waits for the others (rank 0 evaluat
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals(), sys.argv[1:])  # as given: logged, saved in checkpoints
 # -----------------------------------------------------------------------------
+RUN_KEYS = ('data_dir', 'objective', 'teacher_cfg', 'consistency_gap', 'outpaint')  # a resume
+# keeps these from its checkpoint: they say what the run is, not how it goes on
 t_start = time.time()  # a time budget counts from here: preparing data and compiling included
 
 # DDP and device setup
@@ -133,6 +143,27 @@ def split_global_batch(rows, world_size, accum_steps):
     return None
 
 
+# settings that no library call checks: one line each, before any work
+for key, ok, expected in (
+        *((k, globals()[k] >= 1, '>= 1') for k in (
+            'eval_interval', 'ckpt_interval', 'log_interval', 'batch_size', 'n_sample',
+            'gradient_accumulation_steps', 'eval_samples', 'sample_steps')),
+        ('warmup_iters', warmup_iters >= 0, '>= 0'),
+        *((k, globals()[k] > 0, '> 0') for k in ('learning_rate', 'beta_a', 'beta_b')),
+        ('min_lr', 0 <= min_lr <= learning_rate, 'in [0, learning_rate]'),
+        ('seed', 0 <= seed < 2 ** 62, 'in [0, 2**62)'),
+        ('p_uncond', 0 <= p_uncond < 1, 'in [0, 1)'),
+        ('sample_cfg_min_sigma', 0 <= sample_cfg_min_sigma < 1, 'in [0, 1)'),
+        ('objective', objective in ('x0', 'consistency') and not (objective != 'x0' and outpaint),
+         "'x0' or 'consistency' (not with outpaint)"),
+        ('device', device == 'cpu' or device.startswith('cuda') and torch.cuda.is_available(),
+         'cpu, or cuda where torch sees a GPU')):
+    if not ok:
+        fail(f"{key} must be {expected}, got {globals()[key]!r}")
+if (why := gpu_problem()) and device.startswith('cuda'):
+    fail(why)  # a GPU with no kernels for it fails at its first op
+elif why and master_process:
+    print(f"warning: {why}")  # loud: the run goes on, on the CPU
 global_batch = batch_size * gradient_accumulation_steps  # rows a step, however many processes
 split = split_global_batch(global_batch, ddp_world_size, gradient_accumulation_steps)
 if split is None:  # checked before the process group starts, so that no rank waits for another
@@ -151,36 +182,70 @@ try:
     dtype = resolve_dtype(dtype, device)  # auto: bf16 where native, fp16 + GradScaler on old GPUs
 except ValueError as e:
     fail(e)
-if objective not in ('x0', 'consistency') or (objective == 'consistency' and outpaint):
-    fail(f"objective must be 'x0' or 'consistency' (not with outpaint), got {objective!r}")
-if not 0 <= sample_cfg_min_sigma < 1:
-    fail(f"sample_cfg_min_sigma must be in [0, 1), got {sample_cfg_min_sigma}")
 if compile and device_type == 'cpu' and not shutil.which(os.environ.get('CXX', 'c++')):
     compile = False  # inductor's CPU kernels are C++
     if master_process:
         print("note: no C++ compiler (c++ or $CXX) found: training without torch.compile")
 if ddp:
-    # rank 0 loads the grids' VAE (maybe a download) and evaluates while the others wait
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo',
-                            timeout=timedelta(minutes=ddp_timeout_minutes),
+    # rank 0 loads the grids' VAE and evaluates while the others wait
+    timeout = timedelta(minutes=ddp_timeout_minutes)
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo', timeout=timeout,
                             device_id=torch.device(device) if device_type == 'cuda' else None)
-    # the stop flag goes through gloo on the CPU each step: no wait for the GPU
-    cpu_group = dist.new_group(backend='gloo') if device_type == 'cuda' else None
+    # the stop flag goes through gloo on the CPU each step: no wait for the GPU. Multi-node: gloo
+    # binds to the address the hostname resolves to; GLOO_SOCKET_IFNAME=eth0 names the interface
+    cpu_group = dist.new_group(backend='gloo', timeout=timeout) if device_type == 'cuda' else None
 ctx = autocast(device, dtype)  # none for float32
 
+# the run directory: one writer at a time, and never a run replaced by accident
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if init_from != 'resume' and os.path.exists(ckpt_path):  # never overwrite a run by accident
-    fail(f"{ckpt_path} exists; resume it (--init_from=resume) or pick another --out_dir")
 if master_process:
-    os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
+        lock = open(os.path.join(out_dir, 'lock'), 'a+')  # held until this process ends
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"{out_dir} is in use by another train.py ({lock.read().strip() or 'unknown'})")
+    except OSError as e:
+        fail(f"cannot write to {out_dir}: {e.strerror}")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    lock.flush()
+    if init_from != 'resume' and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists; resume it (--init_from=resume) or pick another --out_dir")
+ckpt = None
+if init_from != 'scratch':
+    try:
+        ckpt = load_checkpoint(ckpt_path if init_from == 'resume' else init_from, 'cpu')
+    except (FileNotFoundError, ValueError) as e:
+        fail(e)
+if init_from == 'resume':  # what the run is comes from its checkpoint; a contradiction is an error
+    given = configurator.given_keys(sys.argv[1:])
+    saved = dict(ckpt.get('config') or {}, objective=ckpt.get('objective', 'x0'))
+    if ckpt.get('baked_cfg'):
+        saved['teacher_cfg'] = ckpt['baked_cfg']
+    for k in RUN_KEYS:
+        if k in given and k in saved and config[k] != saved[k]:
+            fail(f"--{k}={config[k]!r}, but the run in {out_dir} has {k}={saved[k]!r}: a resume "
+                 f"goes on with the run's own (leave {k} out, or fine-tune with "
+                 f"--init_from={ckpt_path})")
+        globals()[k] = config[k] = saved.get(k, config[k])
 
 # data: memory-mapped arrays from prepare.py; the global batch is a slice of a seeded permutation
-if master_process and data_dir == 'data/prepared/emoji32' and not os.path.exists(data_dir):
-    print(f"{data_dir} is missing: preparing the emoji set first")
-    prepare.prepare(source='emoji', image_size=32, out_dir=data_dir)  # a fresh clone trains at once
+emoji_data = re.fullmatch(r'data/prepared/emoji(\d+)(-taef2)?', os.path.normpath(data_dir))
+if master_process and emoji_data and not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+    print(f"{data_dir} is missing: preparing the emoji set first")  # a fresh clone trains at once
+    try:
+        prepare.prepare(source='emoji', image_size=int(emoji_data[1]), out_dir=data_dir,
+                        vae='taef2' if emoji_data[2] else 'none')
+    except ValueError as e:
+        fail(e)
 if ddp:
     dist.barrier()  # the other ranks wait for the data
-data = Prepared(data_dir)  # a missing, empty or inconsistent file is a one-line error
+try:
+    data = Prepared(data_dir)
+except ValueError as e:  # a missing, empty or inconsistent file
+    fail(e)
 meta = data.meta
 shift, scale = latent_norm(meta)  # model space = (latents - shift) · scale: about unit variance
 n_channels, H, W = meta['latent_shape']
@@ -228,7 +293,6 @@ def load_rows(latents, text_emb, idx):
 # the model: from scratch, resumed, or fine-tuned from another checkpoint
 iter_num, best_val_loss, epoch, data_pos = 0, float('inf'), 0, 0
 budget_iters = None  # max_iters as fixed by the time budget, once measured
-ckpt = None
 if init_from == 'scratch':
     model_args = dict(n_channels=n_channels, image_size=H if H == W else (H, W),
                       patch_size=patch_size, embed_dim=embed_dim, n_layers=n_layers,
@@ -240,10 +304,6 @@ if init_from == 'scratch':
     except ValueError as e:
         fail(e)
 else:
-    try:
-        ckpt = load_checkpoint(ckpt_path if init_from == 'resume' else init_from, 'cpu')
-    except (FileNotFoundError, ValueError) as e:
-        fail(e)
     if why := incompatibility(ckpt.get('data_meta', {}), data):  # another text encoder or codec
         fail(why)
     model_args = dict(ckpt['model_args'])
@@ -281,7 +341,11 @@ optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # fp16 needs loss scaling
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
+    if ckpt['scaler'] and scaler.is_enabled():  # a bf16 or fp32 run has none: fp16 starts afresh
+        scaler.load_state_dict(ckpt['scaler'])
+    if master_process and ckpt.get('dtype', dtype) != dtype:
+        print(f"note: resuming a {ckpt['dtype']} run in {dtype}: the weights, optimizer and data "
+              f"order go on exactly, the arithmetic differs from here")
     if len(ckpt['rng']) == ddp_world_size:  # each rank goes on with its own random stream
         set_rng_state(ckpt['rng'][ddp_rank], device)
     elif master_process:
@@ -331,24 +395,21 @@ codec = ImageCodec(meta['vae'], device) if master_process else None  # decodes t
 # helpers
 @torch.no_grad()
 def estimate_loss(net):
-    """Val loss: MSE of net's x0 prediction on val captions at the fixed eval_sigmas and noise;
-    for outpainting, of the region to generate only, as in training."""
+    """Val loss: the x0 error of net (of a consistency model: its f) on the val rows at the fixed
+    eval_sigmas, noise and outpainting masks, so that it compares across runs and objectives."""
     g = torch.Generator().manual_seed(seed)
-    err_sum, weight_sum = 0.0, 0.0
+    denoise = net if objective == 'x0' else functools.partial(consistency_output, net)
+    total, count = 0.0, 0
     for i in range(0, len(val_idx), batch_size):
         x0, text = load_rows(data.val_latents, data.val_text_emb, val_idx[i:i + batch_size])
         noise = torch.randn(x0.shape, generator=g).to(device)
-        mask = random_masks(len(x0), H, W, g).to(device) if outpaint else torch.ones_like(x0[:, :1])
-        cond = masked_input(x0, mask) if outpaint else None
+        mask = random_masks(len(x0), H, W, g).to(device) if outpaint else None
         for s in eval_sigmas:
-            sigma = torch.full((len(x0),), s, device=device)
-            x_t = add_noise(x0, sigma, noise)
-            with ctx:  # a consistency model's estimate of x0 is its f
-                pred = net(x_t, sigma, text, cond=cond) if objective == 'x0' else \
-                    consistency_output(net, x_t, sigma, text)
-            err_sum += (((pred.float() - x0) ** 2) * mask).sum().item()
-            weight_sum += mask.expand_as(x0).sum().item()
-    return err_sum / weight_sum
+            with ctx:
+                sigma = torch.full((len(x0),), s, device=device)
+                total += x0_error(denoise, x0, text, sigma, noise, mask).item() * len(x0)
+            count += len(x0)
+    return total / count
 
 
 def get_lr(it):
@@ -380,11 +441,17 @@ def save_checkpoint():
             scaler=scaler.state_dict(), model_args=model_args, iter_num=iter_num,
             budget_iters=budget_iters, best_val_loss=best_val_loss, config=config,
             data_meta=meta, rng=rngs, data_state=dict(epoch=epoch, pos=data_pos, n_train=n_train),
+            dtype=dtype,  # as resolved: a resume in another dtype says so
             objective=objective,  # sample.py picks its sampler by it
             baked_cfg=teacher_cfg if teacher else 0.0,  # guidance in the weights: sample at cfg 1
             teacher=None if teacher is None else teacher.state_dict())
-        with replacing(ckpt_path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with replacing(ckpt_path) as tmp:
+                torch.save(checkpoint, tmp)
+        except (OSError, RuntimeError) as e:  # torch.save wraps the OSError in a RuntimeError
+            full = getattr(e, 'errno', None) == errno.ENOSPC or 'No space left' in str(e)
+            fail(f"no space left on {os.path.abspath(out_dir)}: {ckpt_path} is the last "
+                 f"checkpoint written" if full else f"cannot write {ckpt_path}: {e}")
         print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
 
 
@@ -405,11 +472,39 @@ def sample_grid(net, path):
     save_grid(images, math.ceil(math.sqrt(len(images))), path, padding=1)
 
 
-def fit_budget(elapsed, step_seconds, eval_seconds):
-    """max_iters that ends the run near max_minutes: the steps, and an evaluation every
-    eval_interval of them, that fit in what is left after the final evaluation."""
-    left = max_minutes * 60 - elapsed - eval_seconds
-    return max(iter_num + 1, iter_num + int(left / (step_seconds + eval_seconds / eval_interval)))
+def fit_time_budget():
+    """max_iters for a time budget: the steps are timed after the compile and warm-up, max_iters is
+    fixed in the warm-up (before the cosine decay starts), then fitted again at each evaluation to
+    the pace since, so that the steps and evaluations left end the run near max_minutes."""
+    global budget_from, budget_iters, max_iters
+    if budget_iters is None and iter_num == first_iter + 10:
+        budget_from = (iter_num, time.time(), eval_total)  # (iter, time, evaluation seconds)
+    if not budget_from or not (iter_num == first_iter + min(max(warmup_iters, 20), 60)
+                               or budget_iters and iter_num % eval_interval == 0):
+        return
+    seconds = time.time() - budget_from[1] - (eval_total - budget_from[2])
+    step_seconds = seconds / (iter_num - budget_from[0])
+    left = max_minutes * 60 - (time.time() - t_start) - eval_seconds  # the final eval's too
+    chosen = iter_num + max(1, int(left / (step_seconds + eval_seconds / eval_interval)))
+    chosen = torch.tensor(chosen, device=device)
+    if ddp:
+        dist.broadcast(chosen, 0)  # every rank runs rank 0's number of steps
+    max_iters = budget_iters = int(chosen)
+    budget_from = (iter_num, time.time(), eval_total)
+    if master_process:
+        print(f"time budget {max_minutes:g} min: {step_seconds * 1000:.0f} ms a step, "
+              f"{eval_seconds:.1f} s an evaluation -> max_iters = {max_iters}")
+
+
+objective_args = dict(objective=objective, outpaint=outpaint, beta_a=beta_a, beta_b=beta_b,
+                      p_uncond=p_uncond, teacher=teacher, teacher_cfg=teacher_cfg)
+
+
+def gap_at(it):
+    """Consistency tuning's gap, from consistency_gap[0] to [1] geometrically over the lr's
+    horizon."""
+    start, end = consistency_gap
+    return start * (end / start) ** min(1, it / (lr_decay_iters or max_iters))
 
 
 interrupted = False  # a signal on this rank; stop_requested() is what all ranks agree on
@@ -488,23 +583,8 @@ while True:
                   f"--init_from=resume")
         break
 
-    # a time budget: time the steps after the compile and warm-up, fix max_iters in the warm-up
-    # (before the cosine decay starts), then fit it again at each evaluation to the pace since
-    if max_minutes and budget_iters is None and iter_num == first_iter + 10:
-        budget_from = (iter_num, time.time(), eval_total)
-    if budget_from and (iter_num == first_iter + min(max(warmup_iters, 20), 60)
-                        or budget_iters and iter_num % eval_interval == 0):
-        seconds = time.time() - budget_from[1] - (eval_total - budget_from[2])
-        step_seconds = seconds / (iter_num - budget_from[0])
-        chosen = fit_budget(time.time() - t_start, step_seconds, eval_seconds)
-        chosen = torch.tensor(chosen, device=device)
-        if ddp:
-            dist.broadcast(chosen, 0)  # every rank runs rank 0's number of steps
-        max_iters = budget_iters = int(chosen)
-        budget_from = (iter_num, time.time(), eval_total)
-        if master_process:
-            print(f"time budget {max_minutes:g} min: {step_seconds * 1000:.0f} ms a step, "
-                  f"{eval_seconds:.1f} s an evaluation -> max_iters = {max_iters}")
+    if max_minutes:
+        fit_time_budget()
 
     # set the learning rate for this iteration
     lr = get_lr(iter_num)
@@ -517,19 +597,8 @@ while True:
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = (micro_step == micro_steps - 1)
         x0, text = get_batch(rows, micro_step)
-        cond = weight = None
-        if outpaint:  # learn to fill the masked region from the rest (1 = generate, 0 = known)
-            weight = random_masks(len(x0), H, W).to(device)  # (B, 1, H, W)
-            cond = masked_input(x0, weight)
         with ctx:
-            if objective == 'consistency':
-                gap = consistency_gap[0] * (consistency_gap[1] / consistency_gap[0]) ** min(
-                    1, iter_num / (lr_decay_iters or max_iters))  # over the lr's horizon
-                loss = consistency_loss(model, teacher, x0, text, gap, teacher_cfg, beta_a, beta_b,
-                                        p_uncond)
-            else:
-                loss = training_loss(model, x0, text, beta_a, beta_b, p_uncond, cond=cond,
-                                     weight=weight)
+            loss = training_loss(model, x0, text, gap=gap_at(iter_num), **objective_args)
             loss = loss / micro_steps  # the mean over the global batch, once averaged over ranks
         scaler.scale(loss).backward()
         loss_sum += loss.detach()

@@ -2,7 +2,7 @@
 # samples in 1-4 steps, in a quarter of the demo's minutes (README, Few-step sampling).
 #   python train.py config/tiny_fewstep.py
 #   python sample.py --out_dir=out-tiny-fewstep --prompt "a red apple" --steps 4
-exec(open('config/tiny.py').read())  # the demo's data and settings, then what differs
+include('tiny.py')  # the demo's data and settings, then what differs
 out_dir = 'out-tiny-fewstep'
 init_from = 'out-tiny'  # its EMA weights; the architecture comes from the checkpoint
 objective = 'consistency'

@@ -1,11 +1,11 @@
-# Outpainting and inpainting, fine-tuned from the tiny emoji model (config/tiny.py -> out-tiny). The
-# input is widened by the masked image and the mask (4 channels, zero-initialised, so step 0 is the
-# old model), and each step trains on random masks (diffusion.random_masks) with the loss on the
-# region to generate only.
+# Outpainting and inpainting, fine-tuned from the emoji demo (config/tiny.py -> out-tiny). The
+# input is widened by the masked latents and the mask (33 channels, zero-initialised, so step 0 is
+# the old model), and each step trains on random masks (diffusion.random_masks) on the 16×16
+# latent grid, with the loss on the region to generate only.
 #   python train.py config/tiny_outpaint.py
 #   python sample.py --out_dir=out-tiny-outpaint --prompt "a red apple" --outpaint right
 out_dir = 'out-tiny-outpaint'
-data_dir = 'data/prepared/emoji32'
+data_dir = 'data/prepared/emoji128-taef2'
 init_from = 'out-tiny'
 outpaint = True
 eval_interval = 100

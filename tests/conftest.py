@@ -4,6 +4,7 @@ Shared fakes for the tests: tiny models and data the tests build themselves, nev
     python -m pytest -q            # the whole suite: tests/ and test_smoke.py
 """
 import contextlib
+import gc
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts are flat files at the repo root
 
+from diffusion import sigma_schedule  # noqa: E402
 from model import Denoiser  # noqa: E402
 
 
@@ -53,6 +55,7 @@ def run_in_process(script, *args, check=True):
         finally:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
+            gc.collect()  # the script's globals: a run directory's lock goes with its file
     proc = subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
     if check and code:
         raise AssertionError(f"{script} {args} failed ({code}):\n{proc.stdout[-3000:]}\n"
@@ -174,3 +177,47 @@ def write_prepared(path, size=16, n=40, n_val=8, dim=8, seed=0):
     with open(os.path.join(path, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     return str(path)
+
+
+class GaussianData:
+    """Data with a known answer, for checking the samplers.
+    For x0 ~ N(μ, diag(s²)) both E[x0 | x_σ] (the ideal denoiser) and the exact probability-flow
+    ODE solution are closed-form: z = (x_σ - α·μ) / sqrt(α²s² + σ²) is constant along the flow."""
+
+    def __init__(self, dim=4096, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.mu = torch.rand(dim, generator=g, dtype=torch.float64) - 0.5
+        self.s = 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
+        self.noise = torch.randn(dim, generator=g, dtype=torch.float64)
+
+    def denoise(self, x, sigma):  # the ideal x0-predictor E[x0 | x_σ]
+        a = 1 - sigma
+        return self.mu + a * self.s ** 2 / (a ** 2 * self.s ** 2 + sigma ** 2) * (x - a * self.mu)
+
+    def exact(self, x, sigma):  # the ODE solution at σ = 0 from x at σ
+        a = 1 - sigma
+        return self.mu + self.s * (x - a * self.mu) / torch.sqrt(a ** 2 * self.s ** 2 + sigma ** 2)
+
+    def error(self, sampler, steps, sigma_max=1.0, **schedule):
+        """RMS error of a sampler's answer against the exact one, from σ_max to 0."""
+        x = sigma_max * self.noise
+        out = sampler(self.denoise, x, [sigma_max * s for s in sigma_schedule(steps, **schedule)])
+        return ((out - self.exact(x, sigma_max)) ** 2).mean().sqrt().item()
+
+
+def _toy_emojis(K=60, seed=0):
+    """K distinct blocky 32×32 'emojis' in [0, 1]; #1 is drawn exactly like #0 (two names, one
+    image)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.interpolate(torch.rand(K, 3, 4, 4, generator=g), size=32,
+                                             mode='nearest')
+    images[1] = images[0]
+    return images
+
+
+@pytest.fixture(scope='session')
+def inception():
+    """The real FID Inception-v3 (installed by requirements-fid.txt, no download), loaded once for
+    every test, eval.py's runs included."""
+    import metrics
+    return metrics.InceptionFeatures()

@@ -66,3 +66,49 @@ def test_a_config_file_cannot_set_a_non_finite_float(tmp_path):
     cfg_file.write_text("lr = float('inf')\n")
     with pytest.raises(SystemExit, match="'lr' must be a finite number"):
         configure(_config_namespace(), [str(cfg_file)])
+
+
+def test_config_files_include_their_base_beside_them_not_from_the_working_dir(tmp_path,
+                                                                               monkeypatch):
+    """include('base.py') runs the file next to the including one, whatever the working directory
+    holds; nested includes resolve from their own file, and later includes from the first again."""
+    (tmp_path / 'cfg' / 'sub').mkdir(parents=True)
+    (tmp_path / 'cfg' / 'base.py').write_text("batch_size = 8\nout_dir = 'base'\n")
+    (tmp_path / 'cfg' / 'sub' / 'mid.py').write_text("include('../base.py')\nlr = 2\n")
+    (tmp_path / 'cfg' / 'sub' / 'top.py').write_text(
+        "include('mid.py')\ninclude('other.py')\nout_dir = 'top'\n")
+    (tmp_path / 'cfg' / 'sub' / 'other.py').write_text("image_size = 64\n")
+    planted = tmp_path / 'cwd'
+    (planted / 'cfg').mkdir(parents=True)
+    (planted / 'mid.py').write_text("batch_size = 999\n")  # what a cwd-relative path would run
+    monkeypatch.chdir(planted)
+    c = configure(_config_namespace(), [str(tmp_path / 'cfg' / 'sub' / 'top.py')])
+    assert (c['batch_size'], c['lr'], c['image_size'], c['out_dir']) == (8, 2.0, 64, 'top')
+
+
+@pytest.mark.parametrize('body, message', [
+    ("import sys\nsys.exit(0)\n", "failed: SystemExit: 0"),
+    ("raise KeyboardInterrupt\n", "failed: KeyboardInterrupt"),
+    ("x = 1 / 0\n", "failed: ZeroDivisionError: division by zero"),
+    ("include('nothing.py')\n", "cannot read config file"),
+])
+def test_a_config_file_that_exits_or_raises_is_one_line_naming_it(tmp_path, body, message):
+    cfg_file = tmp_path / 'bad.py'
+    cfg_file.write_text(body)
+    with pytest.raises(SystemExit) as err:
+        configure(_config_namespace(), [str(cfg_file)])
+    assert message in str(err.value) and str(tmp_path) in str(err.value)
+    assert str(err.value).startswith('error: ') and '\n' not in str(err.value)
+
+
+def test_a_str_setting_takes_the_text_as_written_and_files_are_utf8(tmp_path, monkeypatch):
+    for text in ("('a cat', 'a dog')", '(1, 2)', '7', 'True', '[1]'):
+        assert configure(_config_namespace(), ['--prompt', text])['prompt'] == text
+        assert configure(_config_namespace(), [f'--prompt={text}'])['prompt'] == text
+    cfg_file = tmp_path / 'utf8.py'
+    cfg_file.write_text("prompt = 'un café, σ'  # ünïcode\n", encoding='utf-8')
+    monkeypatch.setenv('LC_ALL', 'C')  # the file is read as UTF-8 whatever the locale
+    assert configure(_config_namespace(), [str(cfg_file)])['prompt'] == 'un café, σ'
+    cfg_file.write_bytes("prompt = 'caf\xe9'\n".encode('latin-1'))
+    with pytest.raises(SystemExit, match=r"utf8.py, line 1: not UTF-8"):
+        configure(_config_namespace(), [str(cfg_file)])

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from conftest import tiny_denoiser
-from bench import GaussianData
+from conftest import GaussianData, tiny_denoiser
 from diffusion import (MASK_MODES, add_noise, generate, guided_denoiser, make_mask,
                        random_masks, sample_ddim, sample_dpmpp_2m, sigma_schedule, slerp,
                        training_loss)
@@ -20,7 +19,7 @@ def test_add_noise_and_training_loss():
     model = tiny_denoiser(trained=True)
     x0, text = torch.randn(4, 3, 16, 16), torch.randn(4, 8)
     torch.manual_seed(1)
-    loss = training_loss(model, x0, text, p_uncond=0.5)
+    loss = training_loss(model, x0, text, 'x0', beta_a=1.0, beta_b=2.5, p_uncond=0.5)
     torch.manual_seed(1)
     s = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(2.5)).sample((4,))
     x_t = add_noise(x0, s, torch.randn_like(x0))
@@ -105,7 +104,7 @@ def test_samplers_converge_to_exact_ode_solution_at_their_order():
 
 
 def test_sigma_schedule():
-    s = sigma_schedule(4, 1.0, 2.0)  # explicit ρ=2: the default is 1.5
+    s = sigma_schedule(4, 2.0)  # explicit ρ=2: the default is 1.5
     assert s == [1.0, 0.5625, 0.25, 0.0625, 0.0]
     with pytest.raises(ValueError, match='steps'):
         sigma_schedule(0)
@@ -173,10 +172,51 @@ def test_sigma_goes_to_a_gpu_pinned_and_without_waiting(monkeypatch):
     monkeypatch.setattr(torch.Tensor, 'pin_memory', lambda t: calls.append('pin') or t)
     monkeypatch.setattr(torch.Tensor, 'to', lambda t, *a, **k: calls.append((a, k)) or t)
     torch.manual_seed(3)
-    sigma = sample_sigma(5, device='cuda:0')
+    sigma = sample_sigma(5, 1.0, 2.5, device='cuda:0')
     assert calls == ['pin', (('cuda:0',), {'non_blocking': True})]
     torch.manual_seed(3)
-    torch.testing.assert_close(sigma, sample_sigma(5))  # the same draws as on a CPU
+    torch.testing.assert_close(sigma, sample_sigma(5, 1.0, 2.5))  # the same draws as on a CPU
+
+
+def test_outpainting_loss_counts_the_masked_region_and_its_masks_go_to_the_device(monkeypatch):
+    """x0_error with a mask: the model sees the masked image and the mask, and the error counts
+    where the mask is 1 only. training_loss(outpaint=True) draws a mask per row and moves it, like
+    σ, through to_device (pinned, non-blocking on a GPU): never a blocking copy per step."""
+    import diffusion
+    from diffusion import masked_input, x0_error
+    model = tiny_denoiser(trained=True, cond_channels=4)
+    x0, text, noise = torch.randn(2, 3, 16, 16), torch.randn(2, 8), torch.randn(2, 3, 16, 16)
+    sigma, mask = torch.tensor([0.3, 0.7]), make_mask('right', 16, 16)[None].expand(2, 1, 16, 16)
+    err = (model(add_noise(x0, sigma, noise), sigma, text, cond=masked_input(x0, mask)) - x0) ** 2
+    torch.testing.assert_close(x0_error(model, x0, text, sigma, noise, mask),
+                               err[..., 8:].mean())  # the right half: what is generated
+    moved = []
+    monkeypatch.setattr(diffusion, 'to_device', lambda t, device: moved.append(t.shape) or t)
+    training_loss(model, x0, text, 'x0', 1.0, 1.0, 0.0, outpaint=True)
+    assert moved == [(2,), (2, 1, 16, 16)]  # σ, then the masks
+
+
+def test_guided_denoiser_makes_sigma_on_the_device_without_a_copy():
+    """A sampler's σ is a Python float: the guided denoiser builds the (B,) tensor on x's device
+    (aten.full), never on the host and then copied (a blocking copy on a GPU, every step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    denoise = guided_denoiser(lambda x, s, t, cond=None: seen.append(s) or x, torch.zeros(2, 8))
+    with Ops() as record:
+        denoise(torch.zeros(2, 3, 4, 4), 0.4)
+    assert 'aten.full.default' in record.ops, record.ops
+    assert not any('copy' in op or 'lift' in op for op in record.ops), record.ops
+    torch.testing.assert_close(seen[0], torch.full((2,), 0.4))
 
 
 # ----- consistency tuning -----
@@ -210,8 +250,9 @@ def test_consistency_loss_is_zero_for_the_exactly_consistent_model():
 
     torch.manual_seed(0)
     for cfg in (1.0, 4.0):  # D's two halves agree, so guidance changes nothing here
-        assert consistency_loss(exact_f, ideal_denoiser, mu, text, 0.3, cfg).item() < 1e-9
-        assert consistency_loss(ideal_denoiser, ideal_denoiser, mu, text, 0.3, cfg).item() > 1e-2
+        args = (mu, text, 0.3, cfg, 1.0, 1.0, 0.0)  # gap, cfg, Beta(1, 1), no text dropout
+        assert consistency_loss(exact_f, ideal_denoiser, *args).item() < 1e-9
+        assert consistency_loss(ideal_denoiser, ideal_denoiser, *args).item() > 1e-2
 
 
 def test_consistency_sampler_calls_the_model_once_a_step_and_is_seeded():

@@ -4,8 +4,11 @@ gpu_check.py on a CPU: its checks at tiny sizes, and how it ends when something 
     python -m pytest -q tests/test_gpu_check.py
 """
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from unittest import mock
 
@@ -80,8 +83,62 @@ def test_time_limit_stops_a_hung_child_and_keeps_the_rows_so_far(monkeypatch, ca
     assert code == 1 and time.time() - t0 < 30
     assert [row.split(' | ')[:2] for row in rows(out)] == [['| quick', 'pass'], ['| hangs', 'FAIL']]
     assert 'time limit' in out and 'not run: never' in out
+    assert all(re.search(r' \[\d+ s\] \|$', row) for row in rows(out))  # each with its time
     with pytest.raises(ProcessLookupError):
         os.kill(pids[0], 0)  # the child is gone
+
+
+def alive(pid):
+    """Whether pid runs: in /proc and not a zombie (an orphan's end, until init reaps it)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+HUNG_WORKER = '''
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as deaf as a worker hung in an NCCL call
+open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close()
+time.sleep(600)
+'''
+
+
+def test_time_limit_stops_torchrun_and_its_hung_workers(monkeypatch, tmp_path):
+    """torchrun starts each worker in a session of its own: killing torchrun's process group
+    left them running, with the output pipe open, and run_child waiting on it for ever. At the
+    time limit it returns, torchrun and its workers gone, even workers that ignore SIGTERM."""
+    script, pid_dir = tmp_path / 'hang.py', tmp_path / 'pids'
+    script.write_text(HUNG_WORKER)
+    pid_dir.mkdir()
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(script), str(pid_dir)]
+    monkeypatch.setattr(gpu_check, 'deadline', time.time() + 10)  # the workers start in ~2 s
+    result, t0 = [], time.time()
+    thread = threading.Thread(target=lambda: result.append(gpu_check.run_child(cmd)),
+                              daemon=True)
+    thread.start()
+    pids = []
+    try:
+        thread.join(45)
+        took = time.time() - t0
+        pids = [int(name) for name in os.listdir(pid_dir)]
+        assert len(pids) == 2, 'the workers did not start within the time given'
+        assert not thread.is_alive(), f"run_child still waits after {took:.0f} s, workers " \
+            f"{[pid for pid in pids if alive(pid)]} alive"
+        assert took < 30 and result[0][0] is None  # stopped at the time limit
+        for _ in range(50):  # SIGKILL's end is not instant
+            if not any(map(alive, pids)):
+                break
+            time.sleep(0.1)
+        assert not [pid for pid in pids if alive(pid)], 'workers left running'
+    finally:  # whatever happened, no worker outlives the test
+        for pid in pids or map(int, os.listdir(pid_dir)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_time_limit_ends_a_check_that_hangs_in_the_process():

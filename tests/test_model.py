@@ -98,7 +98,7 @@ def test_adaln_zero_blocks_start_as_the_identity():
     for block in model.blocks:
         torch.testing.assert_close(block(x, cond, (8, 8)), x, rtol=0, atol=0)
     text = torch.randn(2, 8)
-    training_loss(model, torch.randn(2, 3, 16, 16), text).backward()
+    training_loss(model, torch.randn(2, 3, 16, 16), text, 'x0', 1.0, 1.0, 0.15).backward()
     assert model.blocks[0].modulation.weight.grad.abs().sum() > 0
 
 
@@ -123,7 +123,7 @@ def test_conditioning_options_train_save_reload_and_sample(options, tmp_path):
     x0, text = torch.randn(8, 3, 16, 16), torch.randn(8, 8)
     losses = []
     for _ in range(5):
-        loss = training_loss(model, x0, text)
+        loss = training_loss(model, x0, text, 'x0', 1.0, 2.5, 0.15)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -218,3 +218,25 @@ def test_the_cpu_attention_fast_path_computes_what_sdpa_does(monkeypatch, fast):
     (torch.softmax(q2 @ k2.transpose(-1, -2) / 32 ** 0.5, -1) @ v2).sum().backward()
     for g, t in zip(grads, (q2, k2, v2)):
         torch.testing.assert_close(g, t.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_a_gpu_that_torch_cannot_use_is_named_in_one_line(monkeypatch):
+    """A driver too old for the wheel's CUDA (torch sees no GPU though one is there), or a GPU the
+    wheel has no kernels for (a V100, sm_70, under a CUDA 13 wheel): gpu_problem() says so."""
+    import model
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(model.os.path, 'exists', lambda p: p == '/proc/driver/nvidia')
+    assert 'an NVIDIA GPU is here but torch' in model.gpu_problem()
+    monkeypatch.setattr(model.os.path, 'exists', lambda p: False)
+    monkeypatch.setattr(model.shutil, 'which', lambda name: None)
+    assert model.gpu_problem() is None  # no GPU at all: nothing to say
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    wheel = ['sm_75', 'sm_80', 'sm_86', 'sm_90', 'sm_100', 'sm_120', 'compute_120']
+    monkeypatch.setattr(torch.cuda, 'get_arch_list', lambda: wheel)
+    for capability, problem in (((7, 0), True), ((7, 5), False), ((8, 9), False),
+                                ((12, 1), False), ((6, 1), True)):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: capability)
+        why = model.gpu_problem()
+        assert (why is not None) == problem, (capability, why)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (7, 0))
+    assert 'no kernels for this GPU (sm_70' in model.gpu_problem()

@@ -62,10 +62,11 @@ def emoji_build(rebuild=False):
 # ----- the sources -----
 
 def test_prepare_emoji_cli(tmp_path):
-    """The documented command on a slice of the shipped set: pixel space + minilm, rows = (image,
+    """The pixel set's command on a slice of the shipped set: 32 px + minilm, rows = (image,
     caption); the val and held-out captions of each emoji in their own splits."""
     out = tmp_path / 'emoji'
-    proc = run_in_process('prepare.py', '--source=emoji', '--limit=40', f'--out_dir={out}')
+    proc = run_in_process('prepare.py', '--source=emoji', '--limit=40', f'--out_dir={out}',
+                          '--image_size=32', '--vae=none')
     assert 'wrote 240 rows + 40 val rows + 80 held-out' in proc.stdout
     data = prepare.Prepared(str(out))
     entries = emoji_entries()
@@ -91,9 +92,10 @@ def test_prepare_emoji_cli(tmp_path):
         [data.captions[7], data.val_captions[3], data.heldout_captions[5]])
     emb = np.stack([data.text_emb[7], data.val_text_emb[3], data.heldout_text_emb[5]])
     assert torch.nn.functional.cosine_similarity(data.to_tensor(emb), ref).min() > 0.999
-    assert prepare.prepare(source='emoji', limit=40, out_dir=str(out)) == m  # done: nothing to do
+    assert prepare.prepare(source='emoji', limit=40, out_dir=str(out), image_size=32,
+                           vae='none') == m  # done: nothing to do
     other = run_in_process('prepare.py', '--source=emoji', '--limit=40', f'--out_dir={out}',
-                           '--vae=/no/vae', check=False)
+                           '--image_size=32', '--vae=/no/vae', check=False)
     assert 'vae' in one_line_error(other) and '--overwrite=True' in other.stderr
 
 
@@ -129,7 +131,7 @@ def test_prepare_folder_skips_bad_images(tmp_path, tiny_encoders):
                                text(['random picture number 4'])[0], atol=2e-3, rtol=1e-3)
     assert data.captions[i] == 'random picture number 4'
     # empty captions as an error, by option
-    with pytest.raises(SystemExit, match='empty.png: empty caption'):  # the first in sorted order
+    with pytest.raises(ValueError, match='empty.png: empty caption'):  # the first in sorted order
         prepare.prepare(out_dir=str(tmp_path / 'err'), empty_caption='error', **kw)
 
 
@@ -143,7 +145,8 @@ def test_prepare_folder_caption_table_and_float32_pixels(tmp_path):
                      ['img001.png', 'one'], ['img002.png', 'two'], ['img003.png', 'three'],
                      ['gone.png', 'a file that is not there']])
     meta = prepare.prepare(source='folder', input=str(folder), out_dir=str(tmp_path / 'out'),
-                           image_size=16, latent_dtype='float32', text_encoder='minilm')
+                           image_size=16, latent_dtype='float32', text_encoder='minilm',
+                           vae='none')
     assert (meta['n'], meta['n_val']) == (4, 1)  # one of 4 items held out: img002, the middle
     assert meta['skipped']['by_reason'] == {'missing file': 1}
     data = prepare.Prepared(str(tmp_path / 'out'))
@@ -178,7 +181,7 @@ def test_prepare_webdataset_shards(tmp_path):
                 sink.write(sample)
     meta = prepare.prepare(source='wds', input=str(tmp_path / 'shards'),
                            out_dir=str(tmp_path / 'out'), image_size=24, text_encoder='minilm',
-                           val_count=5)
+                           val_count=5, vae='none')
     assert meta['items'] == 10 and meta['skipped']['by_reason'] == {'cannot decode': 1}
     assert (meta['n'], meta['n_val']) == (8, 1)  # at most a tenth is held out
     data = prepare.Prepared(str(tmp_path / 'out'))
@@ -224,7 +227,7 @@ def test_prepare_resumes_after_kill(tmp_path, tiny_encoders, capsys):
     progress = json.load(open(resumed / 'progress.json'))
     assert progress['items_done'] == 8 and not (resumed / 'meta.json').exists()
     assert os.path.getsize(resumed / 'latents.npy') > progress['bytes']['latents.npy']
-    with pytest.raises(SystemExit, match='unfinished'):
+    with pytest.raises(ValueError, match='unfinished'):
         prepare.Prepared(str(resumed))
     capsys.readouterr()
     prepare.prepare(out_dir=str(resumed), **kw)
@@ -245,17 +248,18 @@ def test_prepare_keeps_a_validation_row(tmp_path, tiny_encoders):
     folder = tmp_path / 'images'
     make_images(folder, 12)
     (folder / 'img006.txt').write_text(' ')  # the middle item: the one held out of 12
-    kw = dict(source='folder', input=str(folder), text_encoder=tiny_encoders['clip'])
+    kw = dict(source='folder', input=str(folder), text_encoder=tiny_encoders['clip'],
+              image_size=32, vae='none')
     meta = prepare.prepare(out_dir=str(tmp_path / 'out'), **kw)
     assert (meta['n'], meta['n_val'], meta['skipped']['by_reason']) == (10, 1, {'empty caption': 1})
     assert prepare.Prepared(str(tmp_path / 'out')).val_captions == ['random picture number 7']
     for f in ('img002', 'img003', 'img004', 'img005', 'img007', 'img008', 'img009', 'img010',
               'img011', 'img001'):
         os.remove(folder / f'{f}.png')  # img000, then img006 (val, no caption): no val row
-    with pytest.raises(SystemExit, match=r'^error: no usable items for the val split'):
+    with pytest.raises(ValueError, match=r'^no usable items for the val split'):
         prepare.prepare(out_dir=str(tmp_path / 'none'), **kw)
     os.remove(folder / 'img006.png')
-    with pytest.raises(SystemExit, match='1 images found, too few'):
+    with pytest.raises(ValueError, match='1 images found, too few'):
         prepare.prepare(out_dir=str(tmp_path / 'one'), **kw)
 
 
@@ -264,19 +268,19 @@ def test_load_prepared_refuses_empty_splits_and_non_finite_rows(tmp_path):
     ZeroDivisionError or a NaN loss later in training."""
     prepare.Prepared(write_prepared(tmp_path / 'ok'))
     path = write_prepared(tmp_path / 'empty', n_val=0)
-    with pytest.raises(SystemExit, match=r"meta.json: the val split is empty \(n_val=0\)"):
+    with pytest.raises(ValueError, match=r"meta.json: the val split is empty \(n_val=0\)"):
         prepare.Prepared(path)
     path = write_prepared(tmp_path / 'nan')
     emb = np.load(os.path.join(path, 'val_text_emb.npy'))
     emb[:] = np.nan
     np.save(os.path.join(path, 'val_text_emb.npy'), emb)
-    with pytest.raises(SystemExit, match=r'val_text_emb.npy: row 0 holds NaN or inf'):
+    with pytest.raises(ValueError, match=r'val_text_emb.npy: row 0 holds NaN or inf'):
         prepare.Prepared(path)
     path = write_prepared(tmp_path / 'inf', n=40)
     lat = np.load(os.path.join(path, 'latents.npy'))
     lat[39, 0, 3, 3] = np.inf  # the last row: always in the sample
     np.save(os.path.join(path, 'latents.npy'), lat)
-    with pytest.raises(SystemExit, match=r'latents.npy: row 39 holds NaN or inf'):
+    with pytest.raises(ValueError, match=r'latents.npy: row 39 holds NaN or inf'):
         prepare.Prepared(path)
 
 
@@ -289,13 +293,13 @@ def test_prepare_errors_are_one_line(tmp_path):
                         (dict(val_count=0), 'val_count=0: expected at least'),
                         (dict(source='wds'), '--source=wds needs --input'),
                         (dict(dtype='half'), '--dtype=half: expected one of auto, float32')]:
-        with pytest.raises(SystemExit, match=re.escape(message)):
+        with pytest.raises(ValueError, match=re.escape(message)):  # a library raises, never exits
             prepare.prepare(**kw)
-    with pytest.raises(SystemExit, match='no such directory'):
+    with pytest.raises(ValueError, match='no such directory'):
         prepare.Prepared(str(tmp_path / 'nothing'))
     path = write_prepared(tmp_path / 'out', n=3, n_val=1)
     np.save(os.path.join(path, 'text_emb.npy'), np.zeros((2, 8), np.float16))
-    with pytest.raises(SystemExit, match=r'text_emb.npy: shape \(2, 8\), expected \(3, 8\)'):
+    with pytest.raises(ValueError, match=r'text_emb.npy: shape \(2, 8\), expected \(3, 8\)'):
         prepare.Prepared(path)
 
 
@@ -305,7 +309,7 @@ def test_prepare_never_rewrites_its_globals(tmp_path, tiny_encoders):
     folder = tmp_path / 'images'
     make_images(folder, 3)
     prepare.prepare(source='folder', input=str(folder), out_dir=str(tmp_path / 'out'),
-                    image_size=16, text_encoder=tiny_encoders['clip'], batch_size=2)
+                    image_size=16, text_encoder=tiny_encoders['clip'], batch_size=2, vae='none')
     assert {k: getattr(prepare, k) for k in before} == before == prepare.DEFAULTS
 
 
@@ -329,6 +333,77 @@ def test_emoji_captions_rebuild_to_the_shipped_file(tmp_path):
         build.build(folder=str(tmp_path / 'empty'))
     with pytest.raises(SystemExit, match='--font=/no/font.ttf: no such file'):
         build.build('/no/font.ttf', 32, str(tmp_path / 'empty'))
+
+
+def test_the_shipped_font_draws_the_shipped_set_and_prepares_it_at_128_px(tmp_path):
+    """data/emoji's font (Noto Color Emoji cut to the set) draws emoji32.png's tiles exactly; at
+    128 px prepare.py draws them from it (no atlas needed) into TAEF2's 32×16×16 latents. A font
+    that cannot draw an emoji is one line naming it."""
+    entries = emoji_entries()
+    font = os.path.join(EMOJI_DIR, prepare.EMOJI_FONT)
+    picks = np.linspace(0, len(entries) - 1, 48).astype(int)
+    tiles = prepare.render_emoji(font, [entries[i]['emoji'] for i in picks], 32)
+    atlas = np.asarray(Image.open(os.path.join(EMOJI_DIR, 'emoji32.png')).convert('RGB'))
+    shipped = atlas.reshape(atlas.shape[0] // 32, 32, -1, 32, 3).swapaxes(1, 2).reshape(
+        -1, 32, 32, 3)
+    assert np.array_equal(tiles, shipped[picks])
+    meta = prepare.prepare(limit=6, out_dir=str(tmp_path / 'out'), batch_size=3)
+    assert (meta['vae'], meta['latent_shape'], meta['n']) == ('taef2', [32, 16, 16], 36)
+    assert len(meta['latent_shift']) == 32 and meta['image_size'] == 128
+    with pytest.raises(ValueError, match='cannot draw .* as one glyph'):
+        prepare.render_emoji(font, ['\U0001F469\u200d\U0001F680\u200d\U0001F98A'], 32)
+
+
+@pytest.mark.parametrize('mode', ['1', 'L', 'LA', 'P', 'I;16', 'I', 'F', 'RGBA', 'CMYK', 'RGB16'])
+def test_every_image_mode_reads_as_8_bit_rgb_on_white(tmp_path, mode):
+    """A grey at 31% (79/255), a transparent corner, in each mode PIL opens: the grey reads as
+    79 ± 1 in RGB (16-bit and float greys scaled, not clipped to white), transparency as white."""
+    grey, path = 79, str(tmp_path / f'img.{"tiff" if mode in ("F", "CMYK", "I") else "png"}')
+    if mode == '1':
+        im, grey = Image.fromarray(np.full((8, 8), 255, np.uint8)).convert('1'), 255
+    elif mode in ('I;16', 'I'):
+        im = Image.fromarray(np.full((8, 8), grey * 257, np.uint16))
+        im = im if mode == 'I;16' else im.convert('I')
+    elif mode == 'F':
+        im = Image.fromarray(np.full((8, 8), grey / 255, np.float32))
+    elif mode == 'RGB16':  # a 48-bit PNG, written by hand: PIL reads it, cannot write it
+        import zlib
+        raw = b''.join(b'\0' + np.full((8, 3), grey * 257, '>u2').tobytes() for _ in range(8))
+        chunk = lambda kind, data: (len(data).to_bytes(4, 'big') + kind + data
+                                    + zlib.crc32(kind + data).to_bytes(4, 'big'))
+        with open(path, 'wb') as f:
+            f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', (8).to_bytes(4, 'big') * 2
+                                                   + bytes([16, 2, 0, 0, 0]))
+                    + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+        im = None
+    else:
+        im = Image.new('RGBA', (8, 8), (grey, grey, grey, 255))
+        if mode in ('RGBA', 'LA'):
+            im.putpixel((0, 0), (0, 0, 0, 0))
+        im = im.convert('P') if mode == 'P' else im.convert(mode) if mode != 'RGBA' else im
+    if im is not None:
+        im.save(path)
+    assert Image.open(path).mode == {'RGB16': 'RGB'}.get(mode, mode)
+    pixels = prepare.read_image(path, 8, 1).astype(int)
+    assert np.abs(pixels[4, 4] - grey).max() <= 1, pixels[4, 4]
+    if mode in ('RGBA', 'LA'):
+        assert (pixels[0, 0] == 255).all()  # transparent: white, not black
+
+
+def test_captions_that_are_not_utf8_are_one_line(tmp_path):
+    """A Latin-1 caption file (.txt beside an image, captions.csv) is an error naming the file and
+    the line, not text with U+FFFD in it or a UnicodeDecodeError traceback."""
+    folder = tmp_path / 'images'
+    make_images(folder, 2)
+    (folder / 'img001.txt').write_bytes('un caf\xe9\n'.encode('latin-1'))
+    proc = run_in_process('prepare.py', '--source=folder', f'--input={folder}',
+                          f'--out_dir={tmp_path}/a', '--image_size=16', '--vae=none', check=False)
+    assert f"{folder / 'img001.txt'}, line 1: not UTF-8" in one_line_error(proc)
+    (folder / 'captions.csv').write_bytes('file,caption\nimg000.png,ok\nimg001.png,caf\xe9\n'
+                                          .encode('latin-1'))
+    proc = run_in_process('prepare.py', '--source=folder', f'--input={folder}',
+                          f'--out_dir={tmp_path}/b', '--image_size=16', '--vae=none', check=False)
+    assert f"{folder / 'captions.csv'}, line 3: not UTF-8" in one_line_error(proc)
 
 
 @pytest.mark.skipif(not os.path.isfile(EMOJI_FONT), reason='needs fonts-noto-color-emoji')
@@ -427,3 +502,29 @@ def test_a_codec_without_a_scale_gets_unit_variance_per_channel(tmp_path, tiny_e
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(pipe.decode(pipe.encode_image(images)),
                                (codec.decode(codec.encode(images)) + 1) / 2, atol=1e-5, rtol=0)
+
+
+def test_files_are_written_whole_by_one_writer_each(tmp_path):
+    """replacing(): a temporary file of this writer's own, renamed over the target, removed if the
+    write fails. claim_new(): a new name taken at once, so two writers at the same moment (two
+    sample.py or eval.py runs) never get the same one, and an earlier result's folder counts."""
+    from concurrent.futures import ThreadPoolExecutor
+    target = tmp_path / 'result.json'
+    with pytest.raises(RuntimeError):
+        with prepare.replacing(str(target)) as tmp:
+            open(tmp, 'w').write('half')
+            raise RuntimeError('the disk is full')
+    assert os.listdir(tmp_path) == []  # neither the target nor a .tmp left behind
+    with prepare.replacing(str(target)) as a, prepare.replacing(str(target)) as b:
+        assert a != b  # two writers, two temporaries
+        open(a, 'w').write('a')
+        open(b, 'w').write('b')
+    assert target.read_text() == 'a' and os.listdir(tmp_path) == ['result.json']  # the last done
+    (tmp_path / 'grid-1').mkdir()  # an earlier grid's folder of single images
+    with ThreadPoolExecutor(8) as pool:
+        names = list(pool.map(lambda _: prepare.claim_new(str(tmp_path / 'grid.png')), range(8)))
+    assert len(set(names)) == 8 and str(tmp_path / 'grid-1.png') not in names
+    assert names[0] != str(target) and all(os.path.isfile(n) for n in names)
+    (tmp_path / 'file').write_text('not a folder')
+    with pytest.raises(OSError):
+        prepare.claim_new(str(tmp_path / 'file' / 'grid.png'))

@@ -220,12 +220,19 @@ def test_outpaint_keeps_the_known_region(sample_run):
 @pytest.mark.parametrize('args, message', [
     (['--out_dir', '/nonexistent/run'], "error: no checkpoint at '/nonexistent/run'"),
     (['--cfg', 'high'], "error: config key 'cfg' expects float"),
-    (['--steps', '0'], "error: --steps must be >= 1, got 0"),
-    (['--cfg_min_sigma', '1'], "error: --cfg_min_sigma must be in [0, 1)"),
+    (['--steps', '0'], "error: steps must be an int >= 1, got 0"),
+    (['--cfg_min_sigma', '1'], "error: cfg_min_sigma must be in [0, 1)"),
+    (['--sampler', 'euler'], "error: unknown sampler 'euler'"),
+    (['--dtype', 'fp8'], "error: dtype must be 'auto' or one of"),
+    (['--init_image', 'in.png'], "--init_image must be with --mask (fill) or --outpaint"),
+    (['--out', '/'], "error: cannot write the grid: --out '/' is a directory"),
+    (['--n', '1000000', '--size', '1024'], "need about"),
+    (['--zoom', '1000'], "error: --zoom must be in 0-64"),
+    (['--size', '100000'], "need about"),
     (['--prompt', ''], "error: --prompt is empty"),
     (['--size', '15'], "error: --size 15 is not a positive multiple of 2"),
     (['--outpaint', 'right'], "is not an outpainting model"),
-    (['--zoom', '-1'], "error: --zoom must be >= 0"),
+    (['--zoom', '-1'], "error: --zoom must be in 0-64"),
     (['--interp', 'a cat'], "--interp"),
     (['--mask', 'm.png'], "--mask"),
     (['--cfg', '1e999'], "'cfg'"),  # non-finite numbers: inf, nan
@@ -374,3 +381,53 @@ def test_a_few_step_checkpoint_picks_its_sampler_and_its_baked_guidance(tmp_path
     grid = _png(path)
     torch.testing.assert_close(torch.from_numpy(_tile(grid, 0, 1)).permute(2, 0, 1), expected[1],
                                atol=1 / 255 + 1e-6, rtol=0)
+
+
+def test_text_is_taken_as_written_and_must_be_utf8(sample_run, tmp_path):
+    """--prompt "('a cat', 'a dog')" is one prompt, as typed; a prompt file that is not UTF-8 is one
+    line naming the file and the line."""
+    paths = _sample('--out_dir', str(sample_run / 'run'), '--prompt', "('a cat', 'a dog')", '--n=1')
+    assert _png(paths[0]).shape == (16, 16, 3)  # one prompt, one image: no grid around it
+    (tmp_path / 'latin1.txt').write_bytes('a red apple\nun caf\xe9\n'.encode('latin-1'))
+    proc = run_in_process('sample.py', '--out_dir', str(sample_run / 'run'),
+                          '--prompt_file', str(tmp_path / 'latin1.txt'), check=False)
+    assert f"{tmp_path / 'latin1.txt'}, line 2: not UTF-8" in one_line_error(proc)
+
+
+def test_concurrent_identical_runs_both_write_and_nothing_is_left_behind(sample_run):
+    """Two identical sample.py at once: each takes a name of its own for its grid before sampling
+    (no shared temporary file), so both succeed and neither replaces the other."""
+    import subprocess
+    import sys
+    args = [sys.executable, 'sample.py', '--out_dir', str(sample_run / 'run'), '--prompt',
+            'two at once', '--n=1', '--steps=2', '--dtype=float32']
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    paths = [re.search(r'wrote (.*)', out).group(1) for out, _ in outs]
+    assert len(set(paths)) == 2 and all(os.path.getsize(p) > 0 for p in paths)
+    samples = sample_run / 'run' / 'samples'
+    assert not [f for f in os.listdir(samples) if f.endswith('.tmp')]
+
+
+def test_an_unwritable_run_dir_fails_before_sampling(tmp_path):
+    """A samples/ folder that cannot be written (here a file of that name, which root cannot write
+    into either) is one line before any image is made; a console that cannot print σ (latin-1)
+    does not crash the run."""
+    ckpt = save_tiny_checkpoint(str(tmp_path / 'ro'))
+    (tmp_path / 'ro' / 'samples').write_text('not a folder')
+    proc = run_in_process('sample.py', '--ckpt', ckpt, check=False)
+    assert 'cannot write the grid' in one_line_error(proc) and 'images in' not in proc.stdout
+    proc = run_script('sample.py', '--ckpt', save_tiny_checkpoint(str(tmp_path / 'ok')),
+                      '--steps=1', '--n=1', env={'PYTHONIOENCODING': 'latin-1'})
+    assert '\\u03c3' in proc.stdout  # σ, escaped: printed all the same
+
+
+def test_the_usage_line_samples_the_demo_run():
+    """`python sample.py --prompt "..." --cfg 7` after `python train.py config/tiny.py`: sample.py
+    and eval.py read the run the demo writes by default."""
+    import eval as evaluation
+    from configurator import load_config
+    demo = load_config(os.path.join(ROOT, 'config', 'tiny.py'))['out_dir']
+    assert sample.out_dir == evaluation.out_dir == demo == 'out-tiny'

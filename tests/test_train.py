@@ -66,7 +66,7 @@ def test_train_loss_goes_down_and_writes_sample_grids(tiny_run):
     ckpt = load_ckpt(out)
     assert set(ckpt) == {'model', 'ema', 'optimizer', 'scaler', 'model_args', 'iter_num',
                          'budget_iters', 'best_val_loss', 'config', 'data_meta', 'rng',
-                         'data_state', 'objective', 'baked_cfg', 'teacher'}
+                         'data_state', 'dtype', 'objective', 'baked_cfg', 'teacher'}
     assert ckpt['objective'] == 'x0' and ckpt['baked_cfg'] == 0
     assert ckpt['iter_num'] == 40 and ckpt['best_val_loss'] == pytest.approx(min(val), abs=1e-4)
     assert ckpt['data_state'] == {'epoch': 8, 'pos': 0, 'n_train': 40}  # 8 epochs of 40
@@ -143,6 +143,11 @@ def test_train_errors_are_one_line(tmp_path, tiny_run):
         (['--dtype=bf16'],
          "error: dtype must be 'auto' or one of ['bfloat16', 'float16', 'float32'], got 'bf16'"),
         (['--sample_cfg_min_sigma=1.5'], "error: sample_cfg_min_sigma must be in [0, 1)"),
+        *(([f'--{k}={v}'], f"error: {k} must be") for k, v in (
+            ('eval_interval', 0), ('log_interval', 0), ('ckpt_interval', 0), ('n_sample', 0),
+            ('gradient_accumulation_steps', 0), ('learning_rate', -1), ('beta_a', 0),
+            ('eval_samples', 0), ('seed', 99999999999999999999999), ('p_uncond', 1))),
+        (['--device=cuda'], "error: device must be cpu, or cuda where torch sees a GPU"),
         ([f'--out_dir={out}'], f"error: {out}/ckpt.pt exists; resume it (--init_from=resume)"),
         ([f'--init_from={tmp_path}/nothing.pt'],
          f"error: no checkpoint at '{tmp_path}/nothing.pt'"),
@@ -244,6 +249,9 @@ def test_train_sets_the_cuda_device_with_or_without_torchrun(tmp_path, device, e
     data = write_prepared(tmp_path / 'data')
     argv = ['train.py', f'--device={device}', f'--data_dir={data}', f'--out_dir={tmp_path}/o']
     code = ("import runpy, sys, torch\n"
+            "torch.cuda.is_available = lambda: True\n"
+            "torch.cuda.get_device_capability = lambda *a: (9, 0)\n"
+            "torch.cuda.get_arch_list = lambda: ['sm_90']\n"
             "torch.cuda.current_device = lambda: 3\n"
             "def set_device(d): print('set_device', d); sys.exit(0)\n"
             "torch.cuda.set_device = set_device\n"
@@ -290,7 +298,7 @@ def test_ema_update_in_one_foreach_lerp_equals_the_per_parameter_loop():
     assert 0.01 < (reference[0] - next(model.parameters())).abs().max() < 0.5  # on its way there
 
 
-def test_global_batch_splits_over_any_number_of_processes(monkeypatch):
+def test_global_batch_splits_over_any_number_of_processes():
     split, = train_functions('split_global_batch', math=math)
     # (global batch, processes, accumulation steps in total) -> (micro-batch, micro-steps) a process
     assert split(16, 1, 1) == (16, 1) and split(256, 1, 4) == (64, 4)
@@ -298,10 +306,9 @@ def test_global_batch_splits_over_any_number_of_processes(monkeypatch):
     assert split(16, 2, 1) == (8, 1) and split(16, 4, 1) == (4, 1)  # the micro-batch is split
     assert split(256, 8, 4) == (32, 1) and split(48, 2, 3) == (12, 2)  # neither divides the other
     assert split(7, 2, 1) is None and split(2, 4, 1) is None and split(5, 2, 5) is None
-    monkeypatch.chdir(ROOT)  # config/tiny_64.py reads config/tiny.py
-    for path in sorted(os.listdir('config')):
-        scope = {}
-        exec(open(os.path.join('config', path)).read(), scope)
+    from configurator import load_config
+    for path in sorted(os.listdir(os.path.join(ROOT, 'config'))):
+        scope = load_config(os.path.join(ROOT, 'config', path))
         batch, accum = scope.get('batch_size', 64), scope.get('gradient_accumulation_steps', 1)
         for world in (1, 2, 4):
             micro_batch, steps = split(batch * accum, world, accum)
@@ -370,12 +377,18 @@ def test_a_2x_sample_after_a_short_finetune_is_an_image_not_noise(tmp_path, tiny
 
 
 def test_a_resume_onto_other_data_refuses_in_one_line(tmp_path, tiny_run):
-    """The saved data position means nothing on data of another length: refuse, rather than loop
-    over an empty slice forever."""
-    _, out, _ = tiny_run
+    """A resume goes on with its own data: another --data_dir is refused, and so is its own data
+    dir grown or shrunk since (the saved data position would mean nothing there)."""
+    data, out, _ = tiny_run
     small = write_prepared(tmp_path / 'small', n=12)
     proc = train(small, out, '--init_from=resume', '--max_iters=80', check=False, in_process=True)
-    assert 'trained on 40 rows' in one_line_error(proc) and '12' in one_line_error(proc)
+    assert f"--data_dir='{small}', but the run in {out} has data_dir='{data}'" in \
+        one_line_error(proc)
+    run = tmp_path / 'run'
+    train(small, run, '--max_iters=1')
+    write_prepared(small, n=20)  # the same dir, other data
+    proc = train(small, run, '--init_from=resume', '--max_iters=80', check=False, in_process=True)
+    assert 'trained on 12 rows' in one_line_error(proc) and '20' in one_line_error(proc)
 
 
 def test_a_time_budget_fixes_max_iters_once_and_a_resume_keeps_it(tmp_path):
@@ -399,11 +412,25 @@ def test_a_time_budget_fixes_max_iters_once_and_a_resume_keeps_it(tmp_path):
     assert 'time budget' not in again.stdout and load_ckpt(tmp_path / 'o')['iter_num'] == chosen
 
 
-def test_fit_budget_spends_what_is_left_on_steps_and_evaluations():
-    fit, = train_functions('fit_budget', max_minutes=1.0, eval_interval=8, iter_num=50)
-    # 60 s - 10 s elapsed - 2 s for the last evaluation = 48 s at 0.25 s + 2 s / 8 a step
-    assert fit(10.0, 0.25, 2.0) == 50 + 96
-    assert fit(70.0, 0.25, 2.0) == 51  # over budget already: one more step, then the end
+def test_fit_time_budget_spends_what_is_left_on_steps_and_evaluations():
+    """At the end of the warm-up, 10 steps were timed at 0.25 s: of the 60 s, 10 s are gone and
+    2 s go to the last evaluation, so 48 s at 0.25 s + 2 s / 8 a step is 96 more steps."""
+    clock = type('clock', (), {'time': staticmethod(lambda: 1000.0)})
+    ns = dict(time=clock, torch=torch, max_minutes=1.0, eval_interval=8, warmup_iters=20,
+              first_iter=30, iter_num=50, budget_from=(40, 997.5, 0.0), budget_iters=None,
+              eval_total=0.0, eval_seconds=2.0, t_start=990.0, max_iters=10 ** 6, ddp=False,
+              master_process=False, device='cpu')
+    fit, = train_functions('fit_time_budget', **ns)
+    ns = fit.__globals__  # the namespace it reads and sets
+    fit()
+    assert ns['max_iters'] == ns['budget_iters'] == 50 + 96
+    assert ns['budget_from'] == (50, 1000.0, 0.0)  # the pace is measured again from here
+    ns.update(iter_num=57, t_start=900.0)  # not an evaluation: nothing changes
+    fit()
+    assert ns['max_iters'] == 146
+    ns.update(iter_num=64)  # an evaluation, over the budget already: one more step, then the end
+    fit()
+    assert ns['max_iters'] == 65
 
 
 def test_consistency_tuning_resumes_exactly_and_keeps_its_teacher(tmp_path, tiny_run):
@@ -423,3 +450,101 @@ def test_consistency_tuning_resumes_exactly_and_keeps_its_teacher(tmp_path, tiny
     assert_same_state(a['teacher'], start['ema'])
     assert a['objective'] == 'consistency' and a['baked_cfg'] == 3.0
     assert not torch.equal(a['model']['patch_out.weight'], start['ema']['patch_out.weight'])
+
+
+def test_a_resume_keeps_what_the_run_is_and_refuses_a_contradiction(tmp_path, tiny_run):
+    """A few-step run resumed without its config goes on as the few-step run it is (objective,
+    teacher and baked guidance from the checkpoint); a flag that contradicts it is one line."""
+    _, base, _ = tiny_run
+    data = write_prepared(tmp_path / 'data')
+    train(data, tmp_path / 'cm', f'--init_from={base}', '--objective=consistency',
+          '--teacher_cfg=3.0', '--max_iters=2')
+    proc = train(data, tmp_path / 'cm', '--init_from=resume', '--max_iters=3')
+    ckpt = load_ckpt(tmp_path / 'cm')
+    assert ckpt['objective'] == 'consistency' and ckpt['baked_cfg'] == 3.0, proc.stdout
+    assert ckpt['teacher'] is not None and ckpt['iter_num'] == 3
+    for flag, kept in (('--objective=x0', "objective='consistency'"),
+                       ('--teacher_cfg=5', 'teacher_cfg=3.0')):
+        proc = train(data, tmp_path / 'cm', '--init_from=resume', flag, check=False,
+                     in_process=True)
+        assert kept in one_line_error(proc) and flag[2:].split('=')[0] in one_line_error(proc)
+
+
+def test_a_run_directory_has_one_writer(tmp_path):
+    """While a train.py holds a run directory, a second one on it refuses in one line naming the
+    holder, before touching anything; the lock goes with its process."""
+    import fcntl
+    data = write_prepared(tmp_path / 'data')
+    (tmp_path / 'o').mkdir()
+    with open(tmp_path / 'o' / 'lock', 'a+') as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write('pid 4242 on somehost\n')
+        held.flush()
+        proc = train(data, tmp_path / 'o', '--max_iters=1', check=False)
+        assert 'is in use by another train.py (pid 4242 on somehost)' in one_line_error(proc)
+        assert not (tmp_path / 'o' / 'ckpt.pt').exists()
+    train(data, tmp_path / 'o', '--max_iters=1')  # free again
+    assert load_ckpt(tmp_path / 'o')['iter_num'] == 1
+
+
+def test_resume_in_another_dtype_works_and_says_so(tmp_path):
+    """A bf16 checkpoint has no loss scale (its GradScaler is off); resumed in fp16 it starts a new
+    scale instead of failing on the empty state; the note names both dtypes."""
+    data = write_prepared(tmp_path / 'data')
+    train(data, tmp_path / 'o', '--max_iters=2', '--dtype=bfloat16')
+    assert load_ckpt(tmp_path / 'o')['dtype'] == 'bfloat16'
+    proc = train(data, tmp_path / 'o', '--init_from=resume', '--max_iters=4', '--dtype=float16')
+    assert 'note: resuming a bfloat16 run in float16' in proc.stdout
+    ckpt = load_ckpt(tmp_path / 'o')
+    assert ckpt['iter_num'] == 4 and ckpt['dtype'] == 'float16' and ckpt['scaler']['scale'] > 0
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    """SIGINT during the imports (before the training loop's handler) ends the run with one line."""
+    import time
+    data = write_prepared(tmp_path / 'data')
+    proc = subprocess.Popen([sys.executable, 'train.py', *TRAIN_TINY, f'--data_dir={data}',
+                             f'--out_dir={tmp_path}/o'], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # importing torch
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip() == 'error: interrupted before training began', err
+
+
+def test_the_stop_flag_group_gets_the_ddp_timeout(tmp_path):
+    """On GPUs the per-step stop flag goes through a gloo group: it must wait ddp_timeout_minutes
+    like the NCCL group, not gloo's default 30 minutes. Run on a CPU with CUDA and the process
+    groups faked; train.py stops at its first use of autocast, after both groups exist."""
+    data = write_prepared(tmp_path / 'data')
+    argv = ['train.py', '--device=cuda', '--ddp_timeout_minutes=7', f'--data_dir={data}',
+            f'--out_dir={tmp_path}/o']
+    code = ("import runpy, sys, torch, torch.distributed as dist, model\n"
+            "torch.cuda.is_available = lambda: True\n"
+            "torch.cuda.current_device = lambda: 0\n"
+            "torch.cuda.set_device = lambda d: None\n"
+            "torch.cuda.get_device_capability = lambda *a: (9, 0)\n"
+            "torch.cuda.get_arch_list = lambda: ['sm_90']\n"
+            "dist.init_process_group = lambda **k: print('init', k['timeout'])\n"
+            "dist.new_group = lambda **k: print('group', k.get('backend'), k.get('timeout'))\n"
+            "model.autocast = lambda *a: sys.exit(0)\n"
+            f"sys.argv = {argv!r}\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    proc = run_script('-c', code, env={'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'})
+    assert proc.stdout.splitlines() == ['init 0:07:00', 'group gloo 0:07:00'], proc.stdout
+
+
+def test_a_gpu_without_kernels_for_it_is_one_line_before_any_work(tmp_path):
+    """A V100 under a wheel built for sm_75 and newer: one line naming the GPU, not a 'no kernel
+    image' traceback at the first operation. Simulated: CUDA faked on a CPU."""
+    data = write_prepared(tmp_path / 'data')
+    argv = ['train.py', '--device=cuda', f'--data_dir={data}', f'--out_dir={tmp_path}/o']
+    code = ("import runpy, sys, torch\n"
+            "torch.cuda.is_available = lambda: True\n"
+            "torch.cuda.get_device_capability = lambda *a: (7, 0)\n"
+            "torch.cuda.get_arch_list = lambda: ['sm_75', 'sm_80', 'sm_90']\n"
+            f"sys.argv = {argv!r}\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    proc = run_script('-c', code, check=False)
+    assert 'no kernels for this GPU (sm_70' in one_line_error(proc)
+    assert not os.path.exists(tmp_path / 'o')

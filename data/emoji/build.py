@@ -24,7 +24,7 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for configurator
 from configurator import configure, fail  # noqa: E402
-from prepare import replacing  # noqa: E402
+from prepare import EMOJI_FONT, render_emoji, replacing  # noqa: E402
 
 # -----------------------------------------------------------------------------
 font = ''  # render the images from this font (Noto Color Emoji 2.042); '' -> captions only
@@ -360,25 +360,28 @@ def choose_emoji(font_path):
     return chosen, font
 
 
-def render(font_path, size, cols=64, canvas=160):
+def render(font_path, size, cols=64):
     """The atlas at size px (64 tiles a row, on white) and the tiles at 32 px, for the colours."""
-    from PIL import ImageDraw
-    chosen, font = choose_emoji(font_path)
+    chosen, _ = choose_emoji(font_path)
+    tiles, tiles32 = render_emoji(font_path, chosen, size), render_emoji(font_path, chosen, 32)
     atlas = Image.new('RGB', (cols * size, -(-len(chosen) // cols) * size), 'white')
-    tiles32 = []
-    for i, e in enumerate(chosen):
-        glyph = Image.new('RGBA', (canvas, canvas), (255, 255, 255, 0))
-        ImageDraw.Draw(glyph).text((canvas // 2, canvas // 2), e, font=font, embedded_color=True,
-                                   anchor='mm')
-        x0, y0, x1, y1 = glyph.getbbox()
-        side = max(x1 - x0, y1 - y0)  # a square around the glyph, centered: nothing is stretched
-        x0, y0 = x0 - (side - (x1 - x0)) // 2, y0 - (side - (y1 - y0)) // 2
-        glyph = glyph.crop((x0, y0, x0 + side, y0 + side))  # out of bounds is transparent
-        tile = Image.alpha_composite(Image.new('RGBA', glyph.size, 'white'), glyph).convert('RGB')
-        at = ((i % cols) * size, (i // cols) * size)
-        atlas.paste(tile.resize((size, size), Image.LANCZOS), at)
-        tiles32.append(np.asarray(tile.resize((32, 32), Image.LANCZOS)))
-    return chosen, atlas, np.stack(tiles32)
+    for i, tile in enumerate(tiles):
+        atlas.paste(Image.fromarray(tile), ((i % cols) * size, (i // cols) * size))
+    return chosen, atlas, tiles32
+
+
+def subset_font(font_path, emojis, path):
+    """The font cut to the glyphs of these emoji, ZWJ sequences included: the same renders."""
+    from fontTools import subset
+    from fontTools.ttLib import TTFont
+    options = subset.Options()
+    options.layout_features, options.name_IDs = ['*'], ['*']  # keep the sequences' ligatures
+    font = TTFont(font_path)
+    subsetter = subset.Subsetter(options)
+    subsetter.populate(text=''.join(emojis))
+    subsetter.subset(font)
+    with replacing(path) as tmp:
+        font.save(tmp)
 
 
 def atlas_tiles(path, size):
@@ -398,6 +401,7 @@ def build(font_path='', size=32, folder=HERE):
         path = os.path.join(folder, f'emoji{size}.png')
         with replacing(path) as tmp:
             atlas.save(tmp, format='png', optimize=True)
+        subset_font(font_path, chosen, os.path.join(folder, EMOJI_FONT))  # what prepare.py draws
     else:
         if not os.path.isfile(index) or not os.path.isfile(os.path.join(folder, 'emoji32.png')):
             fail(f"{folder} has no emoji.jsonl and emoji32.png: render them with --font")
