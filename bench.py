@@ -1,6 +1,7 @@
 """
-Measured speed and sampler accuracy, as tables of ratios taken in one run on this machine. Its
-first lines say which CPU (or GPU) and dtypes it measured; figures from past runs: docs/speed.md.
+Measured speed, as tables of ratios taken in one run on this machine (the samplers' accuracy is
+a test: tests/test_diffusion.py). Its first lines say which CPU (or GPU) and dtypes it measured;
+figures from past runs: docs/speed.md.
 
     python bench.py                              # everything (on CPU the base config takes minutes)
     python bench.py --only model --configs small # one table
@@ -16,7 +17,8 @@ Tables:
 - model: forward and forward+backward images/s of the default denoiser, eager and compiled, its
   FLOPs per image (torch.utils.flop_counter, corrected, see count_flops) and the achieved FLOP/s
   as a share of the peak of the same dtype.
-- sample, eval, prepare: throughput of the other scripts on the tiny emoji setup.
+- sample, eval, prepare: throughput of the other scripts on the demo's setup (config/tiny.py's
+  denoiser on TAEF2's 32×16×16 latents, decoded to 128 px).
 """
 import copy
 import os

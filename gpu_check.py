@@ -9,7 +9,8 @@ A one-shot check of the GPU paths, printed as a markdown table, one row as each 
   model's self-attention (N keys) and cross-attention (2 keys) shapes, in fp32 and in the dtype
   'auto' picks: output and gradients.
 - train step: config/base.py's model, batch 64, the 'auto' dtype, fused AdamW, eager: images/s
-  and peak GPU memory, as an upper bound for train.py's speed.
+  and peak GPU memory. Not an upper bound for train.py: config/base.py compiles, which should be
+  faster.
 - sampling: n_images images x 15 steps at cfg 7 through sample.load_pipeline (text encoding, the
   solver, the VAE decode), each part timed. Nothing is downloaded: the VAE is a random one of SD's
   architecture, the text encoder a small random CLIP, both saved to a temporary directory.

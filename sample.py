@@ -364,11 +364,13 @@ def main(c):
             images = outpaint_images(pipe, prompts, c.outpaint, c.repeat, image=image, **settings)
         else:  # image j of each prompt from seed + j; with a mask, the fills of the image's hole
             images = generate_images(pipe, prompts, image=image, mask=holes, **settings)
-    except ValueError as e:
-        os.remove(path)  # the name taken above: free again
-        fail(e)
-    print(f"{len(images)} images in {time.time() - t0:.1f}s")
-    save(c, images, prompts, path, image, holes)
+        print(f"{len(images)} images in {time.time() - t0:.1f}s")
+        save(c, images, prompts, path, image, holes)
+    except BaseException as e:  # the name taken above is free again
+        os.remove(path)
+        if isinstance(e, (OSError, ValueError)):
+            fail(e)
+        raise
 
 
 def save(c, images, prompts, path, image=None, holes=None):

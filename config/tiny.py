@@ -22,7 +22,8 @@ max_minutes = 8.5  # preparing the data and compiling included: all of it ends w
 max_iters = 1_000_000  # fixed by the budget
 min_lr = 1e-4
 ema_decay = 0.999
-beta_b = 1.0  # σ ~ Beta(1, 1), uniform
+beta_a = 1.5  # σ ~ Beta(1.5, 1): more high-noise steps, where a latent's layout is decided
+beta_b = 1.0
 eval_samples = 256
 sample_prompts = ('a grinning face', 'a smiling face with sunglasses', 'a red heart',
                   'a blue heart', 'a red apple', 'a banana', 'a dog face', 'a cat face', 'fire',
