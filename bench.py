@@ -59,6 +59,15 @@ MODEL_CONFIGS = {  # the two sizes timed: a small model and config/base.py's siz
                  text_emb_size=768),
 }
 DTYPES = []  # the resolved dtypes measured, set by main()
+DATASHEET_TFLOPS = {'H100': 989, 'H200': 989, 'A100': 312}  # dense bf16/fp16 (SXM): MFU's peak
+
+
+def datasheet_peak(dtype):
+    """FLOP/s of the GPU's datasheet for bf16/fp16, where this is a GPU named there; else None."""
+    if not device.startswith('cuda') or dtype == 'float32':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((t * 1e12 for gpu, t in DATASHEET_TFLOPS.items() if gpu in name), None)
 
 
 def wanted(table):
@@ -212,14 +221,16 @@ def bench_model(peaks):
                     loss.backward()
                 t_fwd, t_train = timeit(forward), timeit(train_step)
                 model.zero_grad(set_to_none=True)
+                sheet = datasheet_peak(dtype)  # MFU as GPU papers quote it, where known
                 rows.append([name, dtype, 'yes' if compiled else 'no', f"{B / t_fwd:.1f}",
                              f"{B / t_train:.1f}", f"{fwd_flops / 1e9:.2f}",
                              f"{fwd_flops * B / t_fwd / peaks[dtype]:.0%}",
-                             f"{train_flops * B / t_train / peaks[dtype]:.0%}"])
+                             f"{train_flops * B / t_train / peaks[dtype]:.0%}",
+                             f"{train_flops * B / t_train / sheet:.0%}" if sheet else '-'])
                 print('  ' + ' '.join(rows[-1]), flush=True)
     print_table('model: denoiser throughput (share of the same dtype\'s peak)',
                 ['config', 'dtype', 'compiled', 'fwd img/s', 'fwd+bwd img/s', 'fwd GFLOP/img',
-                 'fwd % peak', 'fwd+bwd % peak'], rows)
+                 'fwd % peak', 'fwd+bwd % peak', 'MFU (datasheet)'], rows)
 
 
 def tiny_model():

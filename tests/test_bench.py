@@ -76,3 +76,16 @@ def test_bench_times_gpu_matmuls_between_cuda_events_without_a_sync_each(monkeyp
             return a
     assert bench.matmul_seconds(Counting(), a, n=10) == pytest.approx(0.002)
     assert log == ['mm', 'record'] + ['mm'] * 10 + ['record', 'sync']
+
+
+def test_mfu_divides_by_the_datasheet_peak_of_a_known_gpu(monkeypatch):
+    """On an H100 the model table's MFU column uses 989 TFLOP/s (bf16 dense), on an A100 312; on a
+    CPU, in fp32 or on a GPU not in the table there is none (the measured peak still is)."""
+    monkeypatch.setattr(bench, 'device', 'cuda:0')
+    for gpu, peak in (('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+                      ('Tesla T4', None)):
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda d=None, gpu=gpu: gpu)
+        assert bench.datasheet_peak('bfloat16') == peak
+    assert bench.datasheet_peak('float32') is None
+    monkeypatch.setattr(bench, 'device', 'cpu')
+    assert bench.datasheet_peak('bfloat16') is None

@@ -548,3 +548,27 @@ def test_a_gpu_without_kernels_for_it_is_one_line_before_any_work(tmp_path):
     proc = run_script('-c', code, check=False)
     assert 'no kernels for this GPU (sm_70' in one_line_error(proc)
     assert not os.path.exists(tmp_path / 'o')
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """torch.save failing with ENOSPC while a checkpoint is written: one line saying the disk is
+    full and which checkpoint is the last good one; no temporary file is left behind. The full
+    disk is simulated: torch.save raises as it would, from the second checkpoint on."""
+    data = write_prepared(tmp_path / 'data')
+    argv = ['train.py', *TRAIN_TINY, f'--data_dir={data}', f'--out_dir={tmp_path}/o',
+            '--max_iters=4', '--ckpt_interval=2', '--eval_interval=100']
+    code = ("import errno, runpy, sys, torch\n"
+            "save, calls = torch.save, []\n"
+            "def full(obj, f, *a, **k):\n"
+            "    calls.append(f)\n"
+            "    if len(calls) > 1:\n"
+            "        open(f, 'wb').write(b'half')\n"
+            "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "    return save(obj, f, *a, **k)\n"
+            "torch.save = full\n"
+            f"sys.argv = {argv!r}\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    proc = run_script('-c', code, check=False)
+    assert f"no space left on {tmp_path / 'o'}" in one_line_error(proc)
+    assert load_ckpt(tmp_path / 'o')['iter_num'] == 2  # the last one written whole
+    assert not [f for f in os.listdir(tmp_path / 'o') if f.endswith('.tmp')]
