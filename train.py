@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import configurator
 import prepare
 from diffusion import (CFG_MIN_SIGMA, consistency_output, generate, make_mask, random_masks,
-                       trained_size, training_loss, x0_error)
+                       to_device, trained_size, training_loss, x0_error)
 from encoders import ImageCodec, TextEncoder
 from model import (Denoiser, autocast, finetune_from, gpu_problem, load_checkpoint, resolve_dtype,
                    rng_state, set_rng_state)
@@ -285,9 +285,7 @@ def load_rows(latents, text_emb, idx):
     """Rows idx -> (B, C, H, W) model-space latents, (B, D_text) text embeddings on the device;
     to a GPU from pinned memory without blocking, overlapping the work queued before it."""
     x0, text = (data.to_tensor(latents[idx]) - shift) * scale, data.to_tensor(text_emb[idx])
-    if device_type == 'cuda':
-        x0, text = (t.pin_memory().to(device, non_blocking=True) for t in (x0, text))
-    return x0, text
+    return to_device(x0, device), to_device(text, device)
 
 
 # the model: from scratch, resumed, or fine-tuned from another checkpoint
