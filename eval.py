@@ -181,10 +181,9 @@ def natural_split(data):
     -> (training rows of their emoji, phrasings), or None for other data."""
     if data.meta.get('source') != 'emoji' or not os.path.isfile(PHRASINGS):
         return None
-    with open(os.path.join(data.data_dir, 'captions.jsonl'), encoding='utf-8') as f:
-        row_of = {}
-        for i, line in enumerate(f):
-            row_of.setdefault(json.loads(line)['key'], i)  # emoji -> its first training row
+    row_of = {}
+    for i, key in enumerate(data.keys):
+        row_of.setdefault(key, i)  # emoji -> its first training row
     with open(PHRASINGS, encoding='utf-8') as f:
         pairs = [line.rstrip('\n').split('\t') for line in f if line.strip()]
     pairs = [(row_of[e], p) for e, p in pairs if e in row_of]

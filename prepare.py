@@ -113,6 +113,7 @@ class Prepared:
     captions = functools.cached_property(lambda self: self._captions(''))
     val_captions = functools.cached_property(lambda self: self._captions('val_'))
     heldout_captions = functools.cached_property(lambda self: self._captions('heldout_'))
+    keys = functools.cached_property(lambda self: self._captions('', 'key'))  # each row's item
 
     def __init__(self, data_dir):
         self.data_dir, self.heldout_latents, self.heldout_text_emb = data_dir, None, None
@@ -149,12 +150,12 @@ class Prepared:
                     raise ValueError(f"{path}: row {bad[0]} holds NaN or inf: the file is broken")
                 setattr(self, prefix + name, a)
 
-    def _captions(self, prefix):
+    def _captions(self, prefix, field='caption'):
         if (rows := getattr(self, prefix + 'latents')) is None:
             return None
         path = os.path.join(self.data_dir, f'{prefix}captions.jsonl')
         try:
-            captions = [json.loads(line)['caption'] for line in open(path, encoding='utf-8')]
+            captions = [json.loads(line)[field] for line in open(path, encoding='utf-8')]
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{path}: cannot read captions ({e})")
         if len(captions) != len(rows):
