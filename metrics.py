@@ -1,6 +1,7 @@
 """
 Image metrics for eval.py: prompt fidelity, rank and diversity in a fixed pixel feature space (the
-emoji set), FID and KID in the standard Inception-v3 features, CLIP score. A library: no settings.
+emoji set), fine detail (grain), FID and KID in the standard Inception-v3 features, CLIP score.
+A library: no settings.
 
     from metrics import InceptionFeatures, RealFeatures
     inception = InceptionFeatures()                   # the FID Inception-v3, no download
@@ -120,6 +121,15 @@ def diversity(feats, n_per_prompt):
     # (P, n, n), exactly 0 between copies; the mean off the diagonal
     dist = torch.cdist(groups, groups, compute_mode='donot_use_mm_for_euclid_dist')
     return (dist.sum() / (len(groups) * n_per_prompt * (n_per_prompt - 1))).item()
+
+
+def fine_detail(images):
+    """Mean squared difference of each image's luma from its 3×3 box blur, images (B, 3, H, W)
+    in [0, 1]: the energy of the finest detail, grain included. eval.py reports a model's over
+    real images' (1: as fine as real; above: grainier; below: blurrier)."""
+    luma = torch.einsum('bchw,c->bhw', images.float(), torch.tensor([0.299, 0.587, 0.114]))
+    blur = F.avg_pool2d(F.pad(luma[:, None], (1, 1, 1, 1), mode='replicate'), 3, stride=1)
+    return ((luma[:, None] - blur) ** 2).mean().item()
 
 
 # ----- FID and KID: Inception-v3 pool features -----

@@ -16,7 +16,8 @@ on the token grid (LocalViT's FFN). How the text gets in is two settings:
     text_prior=16         the caption mapped to a coarse grid of codes added to the input tokens:
                           a per-position picture of what it should look like (0: off)
 
-The reference's block is Denoiser(conditioning='cross', text_prior=0).
+The reference's block is Denoiser(conditioning='cross', text_prior=0). Denoiser(flow_map=True)
+also takes the noise level it jumps to: a few-step flow map (diffusion.flow_map_loss tunes one).
 """
 import contextlib
 import math
@@ -24,6 +25,7 @@ import os
 import shutil
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -46,10 +48,12 @@ CPU_BF16_TRAINING_ATTENTION = True  # False: SDPA everywhere, which computes the
 
 def attention(q, k, v, dropout=0.0):
     """softmax(q·kᵀ/√d)·v for (B, h, N, d) queries, (B, h, L, d) keys and values: SDPA, but two
-    matmuls and a softmax in CPU bf16 training, where SDPA's backward is slow (docs/speed.md)."""
-    if (CPU_BF16_TRAINING_ATTENTION and q.device.type == 'cpu' and torch.is_grad_enabled()
-            and torch.is_autocast_enabled('cpu')
-            and torch.get_autocast_dtype('cpu') == torch.bfloat16):
+    matmuls and a softmax in CPU bf16 training, where SDPA's backward is slow (docs/speed.md), and
+    under forward-mode AD (a flow map's target), which SDPA lacks on the CPU."""
+    bf16_cpu_training = (CPU_BF16_TRAINING_ATTENTION and q.device.type == 'cpu'
+                         and torch.is_grad_enabled() and torch.is_autocast_enabled('cpu')
+                         and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+    if bf16_cpu_training or fwAD.unpack_dual(q).tangent is not None:
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, h, N, L)
         return F.dropout(scores.softmax(dim=-1), dropout) @ v
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # flash attention go brrr
@@ -134,7 +138,7 @@ class Block(nn.Module):
 class Denoiser(nn.Module):
     def __init__(self, n_channels=4, image_size=32, patch_size=2, embed_dim=768, n_layers=12,
                  mlp_multiplier=4, head_dim=64, dropout=0.0, text_emb_size=768, cond_channels=0,
-                 conditioning='adaln', text_prior=16):
+                 conditioning='adaln', text_prior=16, flow_map=False):
         super().__init__()
         H, W = (image_size,) * 2 if isinstance(image_size, int) else image_size
         if embed_dim % head_dim or H % patch_size or W % patch_size:
@@ -163,10 +167,14 @@ class Denoiser(nn.Module):
                                     for _ in range(n_layers))
         self.norm_out = nn.LayerNorm(D)
         self.patch_out = nn.Linear(D, n_channels * patch_size ** 2)
+        self.flow_map = False
+        if flow_map:  # last: the parameters in the order of a map added to a trained model
+            self.add_flow_map()  # (an optimizer's state follows that order on a resume)
 
-    def forward(self, x, sigma, text_emb, cond=None):
+    def forward(self, x, sigma, text_emb, cond=None, sigma_next=None):
         """x (B, C, H, W) noisy, sigma (B,), text_emb (B, D_text), cond (B, cond_channels, H, W)
-        (outpainting: the masked image and the mask) -> the x0 prediction (B, C, H, W)."""
+        (outpainting: the masked image and the mask) -> the x0 prediction (B, C, H, W). A flow
+        map also takes the level it jumps to, sigma_next (B,), default sigma (flow_map_jump)."""
         if cond is not None:
             x = torch.cat([x, cond], dim=1)  # (B, C + Cc, H, W)
         p = self.patch_size
@@ -179,6 +187,11 @@ class Denoiser(nn.Module):
         tokens = tokens.flatten(1, 2)  # (B, N, D)
 
         sigma_emb = self.sigma_mlp(sinusoidal_embedding(sigma, tokens.shape[-1]))  # (B, D)
+        if self.flow_map:  # the jump's length, 0 for the plain denoiser
+            gap = sigma - sigma_next if sigma_next is not None else torch.zeros_like(sigma)
+            sigma_emb = sigma_emb + self.gap_mlp(sinusoidal_embedding(gap, tokens.shape[-1]))
+        elif sigma_next is not None:
+            raise ValueError("sigma_next is for a flow map; this model is a plain denoiser")
         text = self.text_proj(text_emb)  # (B, D)
         if self.conditioning == 'adaln':
             c = F.silu(sigma_emb + text)  # (B, D), the input of every modulation
@@ -201,6 +214,16 @@ class Denoiser(nn.Module):
         self.patch_in.weight[:, :old.in_features] = old.weight
         self.patch_in.bias.copy_(old.bias)
         self.cond_channels = cond_channels
+
+    def add_flow_map(self):
+        """The input of a flow map's jump length σ - σ_next, its last layer zero: the model
+        computes exactly what it did before, at every jump (diffusion.flow_map_loss tunes it)."""
+        D = self.sigma_mlp[0].in_features
+        self.gap_mlp = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
+        self.gap_mlp.to(self.sigma_mlp[0].weight)
+        nn.init.zeros_(self.gap_mlp[2].weight)
+        nn.init.zeros_(self.gap_mlp[2].bias)
+        self.flow_map = True
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -301,9 +324,10 @@ def denoiser_from_checkpoint(ckpt, ema=True):
     return model.eval()
 
 
-def finetune_from(ckpt, image_size, cond_channels, dropout=0.0):
-    """A checkpoint's EMA model to fine-tune at image_size (H, W) with cond_channels inputs: new
-    input channels start at zero, so step 0 computes what the old model did. -> (model, args)."""
+def finetune_from(ckpt, image_size, cond_channels, dropout=0.0, flow_map=False):
+    """A checkpoint's EMA model to fine-tune at image_size (H, W) with cond_channels inputs, made
+    a flow map if asked: new inputs start at zero, so step 0 computes what the old model did.
+    -> (model, args)."""
     model = denoiser_from_checkpoint(dict(ckpt, model_args={**ckpt['model_args'],
                                                             'dropout': dropout})).train()
     H, W = image_size
@@ -311,6 +335,8 @@ def finetune_from(ckpt, image_size, cond_channels, dropout=0.0):
     model.pos_emb = nn.Parameter(resize_positional_table(model.pos_emb.data, grid))
     if model.cond_channels == 0 and cond_channels > 0:
         model.widen_input(cond_channels)
+    if flow_map and not model.flow_map:
+        model.add_flow_map()
     args = dict(ckpt['model_args'], image_size=H if H == W else (H, W),
-                cond_channels=model.cond_channels, dropout=dropout)
+                cond_channels=model.cond_channels, dropout=dropout, flow_map=model.flow_map)
     return model, args

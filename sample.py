@@ -45,7 +45,7 @@ cfg = 7.0  # classifier-free guidance scale; 1 = no guidance (and half the compu
 cfg_min_sigma = CFG_MIN_SIGMA  # guide only the steps from σ > this (a guidance interval); 0 = all
 seed = 0  # image j of every prompt starts from the noise of seed + j
 steps = 15
-sampler = ''  # '' = the checkpoint's: dpmpp2m, or consistency for a few-step model; or ddim
+sampler = ''  # '' = the checkpoint's: dpmpp2m, or flowmap for a few-step model; or ddim
 size = ()  # pixels, H [W]: a size other than the trained one (positions resized); () = trained
 interp = []  # two prompts: walk from the first to the second in text-embedding space, noise fixed
 interp_seeds = []  # two seeds: walk (slerp) from the first's noise to the second's, prompt fixed
@@ -72,6 +72,7 @@ class Pipeline:
         self.model, self.text_encoder, self.codec, self.device = model, text_encoder, codec, device
         self.norm, self.dtype = norm, resolve_dtype(dtype, device)  # norm: prepare.latent_norm's
         self.ctx = autocast(device, self.dtype)  # the denoiser only: the sampler's math is fp32
+        self.sampler, self.baked_cfg = 'dpmpp2m', 0.0  # load_pipeline sets a checkpoint's own
 
     def latent_shape(self, size=None):
         """(C, h, w) in model space for images of `size` pixels: an int, (H, W) or None: trained."""
@@ -102,6 +103,9 @@ class Pipeline:
     def sampling(self, sampler='', cfg=7.0):
         """(sampler, cfg) for this model: '' is the checkpoint's own sampler, and a model with
         guidance in its weights samples at cfg 1 (sample.py and eval.py alike)."""
+        if sampler == 'flowmap' and not getattr(self.model, 'flow_map', False):
+            raise ValueError("--sampler=flowmap needs a flow map (train.py "
+                             "config/tiny_fewstep.py makes one); this model is a plain denoiser")
         return sampler or self.sampler, 1.0 if self.baked_cfg else cfg
 
     @torch.no_grad()
@@ -146,8 +150,8 @@ def load_pipeline(ckpt, device='cpu', dtype='auto', compile=False, text_encoder=
                     latent_norm(meta), device, dtype)
     pipe.info = (f"{model.num_params() / 1e6:.2f}M parameters, iter {ckpt.get('iter_num')}, "
                  f"text encoder '{meta.get('text_encoder')}', vae '{codec.name}'")
-    pipe.sampler = 'consistency' if ckpt.get('objective') == 'consistency' else 'dpmpp2m'
-    pipe.baked_cfg = ckpt.get('baked_cfg') or 0.0  # a consistency-tuned model's guidance, built in
+    pipe.sampler = 'flowmap' if ckpt.get('objective') == 'flowmap' else 'dpmpp2m'
+    pipe.baked_cfg = ckpt.get('baked_cfg') or 0.0  # a flow map's guidance, built in
     return pipe
 
 
@@ -342,11 +346,12 @@ def main(c):
                                                  else tuple(c.size) or None))
         image = load_image(c.init_image, (H, W)) if c.init_image else None
         holes = (load_image(c.mask, (H, W)).mean(1, keepdim=True) > 0).float() if c.mask else None
+        sampler, cfg = pipe.sampling(c.sampler, c.cfg)
     except (OSError, ValueError) as e:
         fail(e)
     except Skip as e:
         fail(f"--init_image '{c.init_image}' or --mask '{c.mask}': not an image it can read ({e})")
-    P, (sampler, cfg) = len(prompts), pipe.sampling(c.sampler, c.cfg)
+    P = len(prompts)
     check_memory(P * (c.n + bool(c.mask)) * (c.frames if walk else c.repeat + 1), H, W, c.zoom)
     path = take_grid_path(c, grid_name(c, prompts, H, W, sampler, cfg))
     if cfg != c.cfg:

@@ -1,7 +1,8 @@
 """
 One end-to-end run, as a user goes through it: prepare a few emoji at 128 px with the real
 offline text encoder and the shipped TAEF2, train config/tiny.py's latent model for 50 steps,
-sample from it, evaluate it. About a minute on 2 cores.
+sample from it, tune a flow map from it for 10 steps and sample that, evaluate it. About a minute
+on 2 cores.
 
     python -m pytest -q test_smoke.py     # the whole suite: python -m pytest -q tests test_smoke.py
 """
@@ -37,6 +38,15 @@ def test_prepare_train_sample_evaluate(tmp_path):
                 if line.startswith('wrote '))
     grid = np.asarray(Image.open(path).convert('RGB'))
     assert path.startswith(str(out)) and grid.shape[0] >= 128 and grid.std() > 5  # not blank
+
+    # few steps: config/tiny_fewstep.py tunes a flow map from it; sample.py takes its sampler
+    fewstep = tmp_path / 'fewstep'
+    run_script('train.py', 'config/tiny_fewstep.py', f'--init_from={out}', f'--data_dir={data}',
+               f'--out_dir={fewstep}', '--max_minutes=0', '--max_iters=10', '--eval_interval=10',
+               '--compile=False', '--dtype=float32', '--warmup_iters=2')
+    proc = run_script('sample.py', f'--out_dir={fewstep}', '--prompt', 'a red apple', '--n=2',
+                      '--steps=2', '--dtype=float32')
+    assert '2 flowmap steps, cfg 1' in proc.stdout
 
     run_script('eval.py', f'--out_dir={out}', '--n_prompts=8', '--n_per_prompt=2', '--steps=4',
                '--fid=False', '--dtype=float32')

@@ -26,7 +26,6 @@ signal.signal(signal.SIGINT, lambda *_: sys.exit("error: interrupted before trai
 import copy  # after the handler: importing torch takes seconds
 import errno
 import fcntl
-import functools
 import math
 import os
 import re
@@ -42,8 +41,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
 import prepare
-from diffusion import (CFG_MIN_SIGMA, consistency_output, generate, make_mask, random_masks,
-                       to_device, trained_size, training_loss, x0_error)
+from diffusion import (CFG_MIN_SIGMA, generate, make_mask, random_masks, to_device, trained_size,
+                       training_loss, x0_error)
 from encoders import ImageCodec, TextEncoder
 from model import (Denoiser, autocast, finetune_from, gpu_problem, load_checkpoint, resolve_dtype,
                    rng_state, set_rng_state)
@@ -80,9 +79,9 @@ outpaint = False  # add the masked image and the mask as inputs, and learn to fi
 beta_a = 1.0  # training noise levels σ ~ Beta(beta_a, beta_b)
 beta_b = 2.5
 p_uncond = 0.15  # how often the text is dropped to ∅ = 0, for classifier-free guidance
-objective = 'x0'  # 'x0': diffusion; 'consistency': tune a trained model to sample in a few steps
-consistency_gap = (0.5, 0.02)  # r = (1 - gap)·t, the gap shrinking geometrically as the lr decays
-teacher_cfg = 4.0  # consistency: distil the starting model guided at this scale into one forward
+objective = 'x0'  # 'x0': diffusion; 'flowmap': tune a trained model to sample in a few steps
+teacher_cfg = 4.0  # flowmap: distil the model guided at this scale (1: guide at sampling)
+derivative_ramp = 0.2  # flowmap: du/dt's weight in the target rises to 1 over this part of the run
 # AdamW optimizer
 learning_rate = 3e-4
 max_iters = 100_000
@@ -115,7 +114,7 @@ ddp_timeout_minutes = 30  # how long a rank waits for the others (rank 0 evaluat
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals(), sys.argv[1:])  # as given: logged, saved in checkpoints
 # -----------------------------------------------------------------------------
-RUN_KEYS = ('data_dir', 'objective', 'teacher_cfg', 'consistency_gap', 'outpaint')  # a resume
+RUN_KEYS = ('data_dir', 'objective', 'teacher_cfg', 'outpaint')  # a resume
 # keeps these from its checkpoint: they say what the run is, not how it goes on
 t_start = time.time()  # a time budget counts from here: preparing data and compiling included
 
@@ -154,8 +153,9 @@ for key, ok, expected in (
         ('seed', 0 <= seed < 2 ** 62, 'in [0, 2**62)'),
         ('p_uncond', 0 <= p_uncond < 1, 'in [0, 1)'),
         ('sample_cfg_min_sigma', 0 <= sample_cfg_min_sigma < 1, 'in [0, 1)'),
-        ('objective', objective in ('x0', 'consistency') and not (objective != 'x0' and outpaint),
-         "'x0' or 'consistency' (not with outpaint)"),
+        ('objective', objective in ('x0', 'flowmap') and not (objective != 'x0' and outpaint),
+         "'x0' or 'flowmap' (not with outpaint)"),
+        ('derivative_ramp', 0 <= derivative_ramp <= 1, 'in [0, 1]'),
         ('device', device == 'cpu' or device.startswith('cuda') and torch.cuda.is_available(),
          'cpu, or cuda where torch sees a GPU')):
     if not ok:
@@ -319,7 +319,8 @@ else:
         epoch, data_pos, budget_iters = state['epoch'], state['pos'], ckpt['budget_iters']
         max_iters = budget_iters or max_iters  # a budgeted run ends where it was going to
     else:  # fine-tune: from the EMA weights, at this data's image size, with new inputs if asked
-        model, model_args = finetune_from(ckpt, (H, W), cond_channels, dropout)
+        model, model_args = finetune_from(ckpt, (H, W), cond_channels, dropout,
+                                          flow_map=objective == 'flowmap')
 if trained_size(model) != (H, W):
     fail(f"the checkpoint's model is for {trained_size(model)} inputs but {data_dir} has "
          f"{(H, W)}; fine-tune it at the new size with --init_from=PATH, not by resuming")
@@ -368,8 +369,9 @@ ema = copy.deepcopy(raw_model).requires_grad_(False).eval()  # fp32 EMA of the w
 if init_from == 'resume':
     ema.load_state_dict(ckpt['ema'])  # in place: the parameter lists below stay valid
 ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
-teacher = None  # consistency distillation: the frozen starting model, saved for a resume
-if objective == 'consistency':
+teacher = None  # flow-map distillation: the frozen starting model, saved for a resume
+baked_cfg = teacher_cfg if objective == 'flowmap' and teacher_cfg != 1 else 0.0  # in the weights
+if objective == 'flowmap':
     teacher = copy.deepcopy(raw_model).requires_grad_(False).eval()
     if init_from == 'resume':
         teacher.load_state_dict(ckpt['teacher'])
@@ -393,10 +395,9 @@ codec = ImageCodec(meta['vae'], device) if master_process else None  # decodes t
 # helpers
 @torch.no_grad()
 def estimate_loss(net):
-    """Val loss: the x0 error of net (of a consistency model: its f) on the val rows at the fixed
-    eval_sigmas, noise and outpainting masks, so that it compares across runs and objectives."""
+    """Val loss: the x0 error of net (of a flow map: its jump to σ itself) on the val rows at
+    the fixed eval_sigmas, noise and outpainting masks: it compares across runs and objectives."""
     g = torch.Generator().manual_seed(seed)
-    denoise = net if objective == 'x0' else functools.partial(consistency_output, net)
     total, count = 0.0, 0
     for i in range(0, len(val_idx), batch_size):
         x0, text = load_rows(data.val_latents, data.val_text_emb, val_idx[i:i + batch_size])
@@ -405,7 +406,7 @@ def estimate_loss(net):
         for s in eval_sigmas:
             with ctx:
                 sigma = torch.full((len(x0),), s, device=device)
-                total += x0_error(denoise, x0, text, sigma, noise, mask).item() * len(x0)
+                total += x0_error(net, x0, text, sigma, noise, mask).item() * len(x0)
             count += len(x0)
     return total / count
 
@@ -441,7 +442,7 @@ def save_checkpoint():
             data_meta=meta, rng=rngs, data_state=dict(epoch=epoch, pos=data_pos, n_train=n_train),
             dtype=dtype,  # as resolved: a resume in another dtype says so
             objective=objective,  # sample.py picks its sampler by it
-            baked_cfg=teacher_cfg if teacher else 0.0,  # guidance in the weights: sample at cfg 1
+            baked_cfg=baked_cfg,  # guidance in the weights: sample at cfg 1
             teacher=None if teacher is None else teacher.state_dict())
         try:
             with replacing(ckpt_path) as tmp:
@@ -463,9 +464,9 @@ def sample_grid(net, path):
         mask = make_mask('right', H, W).to(device).expand(len(known), 1, H, W)
     g = torch.Generator(device).manual_seed(seed)  # the same noise every time: the grids compare
     with ctx:
-        x0 = generate(net, sample_text, cfg=1.0 if teacher else sample_cfg, steps=sample_steps,
+        x0 = generate(net, sample_text, cfg=1.0 if baked_cfg else sample_cfg, steps=sample_steps,
                       generator=g, known=known, mask=mask, cfg_min_sigma=sample_cfg_min_sigma,
-                      sampler='dpmpp2m' if objective == 'x0' else 'consistency')
+                      sampler='dpmpp2m' if objective == 'x0' else 'flowmap')
     images = decode_latents(codec, x0, (shift, scale))  # (B, 3, H_img, W_img) in [0, 1]
     save_grid(images, math.ceil(math.sqrt(len(images))), path, padding=1)
 
@@ -495,14 +496,13 @@ def fit_time_budget():
 
 
 objective_args = dict(objective=objective, outpaint=outpaint, beta_a=beta_a, beta_b=beta_b,
-                      p_uncond=p_uncond, teacher=teacher, teacher_cfg=teacher_cfg)
+                      p_uncond=p_uncond, teacher=teacher, teacher_cfg=teacher_cfg,
+                      student=raw_model)
 
 
-def gap_at(it):
-    """Consistency tuning's gap, from consistency_gap[0] to [1] geometrically over the lr's
-    horizon."""
-    start, end = consistency_gap
-    return start * (end / start) ** min(1, it / (lr_decay_iters or max_iters))
+def ramp_at(it):
+    """A flow map's du/dt weight: 0 to 1 linearly over derivative_ramp of the run."""
+    return min(1.0, it / max(1.0, derivative_ramp * max_iters))
 
 
 interrupted = False  # a signal on this rank; stop_requested() is what all ranks agree on
@@ -596,7 +596,7 @@ while True:
             model.require_backward_grad_sync = (micro_step == micro_steps - 1)
         x0, text = get_batch(rows, micro_step)
         with ctx:
-            loss = training_loss(model, x0, text, gap=gap_at(iter_num), **objective_args)
+            loss = training_loss(model, x0, text, ramp=ramp_at(iter_num), **objective_args)
             loss = loss / micro_steps  # the mean over the global batch, once averaged over ranks
         scaler.scale(loss).backward()
         loss_sum += loss.detach()

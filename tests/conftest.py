@@ -102,12 +102,12 @@ def tiny_denoiser(trained=False, **kw):
     return model
 
 
-def save_tiny_checkpoint(path, cond_channels=0, **extra):
+def save_tiny_checkpoint(path, cond_channels=0, flow_map=False, **extra):
     """A random tiny pixel-space Denoiser saved in train.py's checkpoint format, with MiniLM (whose
     weights ship in an installed package) as its text encoder. Untrained: its images are a
     deterministic function of the noise and the prompt, which is what sampling tests need."""
     args = dict(TINY_ARGS, embed_dim=32, n_layers=1, head_dim=16, text_emb_size=384,
-                cond_channels=cond_channels)
+                cond_channels=cond_channels, flow_map=flow_map)
     model = tiny_denoiser(trained=True, **args)
     os.makedirs(path, exist_ok=True)
     torch.save({'model': model.state_dict(), 'ema': model.state_dict(), 'model_args': args,
@@ -197,6 +197,11 @@ class GaussianData:
     def exact(self, x, sigma):  # the ODE solution at σ = 0 from x at σ
         a = 1 - sigma
         return self.mu + self.s * (x - a * self.mu) / torch.sqrt(a ** 2 * self.s ** 2 + sigma ** 2)
+
+    def jump(self, x, sigma, sigma_next):  # the exact flow map: the ODE from σ to σ_next
+        a, b = 1 - sigma, 1 - sigma_next
+        z = (x - a * self.mu) / torch.sqrt(a ** 2 * self.s ** 2 + sigma ** 2)
+        return b * self.mu + torch.sqrt(b ** 2 * self.s ** 2 + sigma_next ** 2) * z
 
     def error(self, sampler, steps, sigma_max=1.0, **schedule):
         """RMS error of a sampler's answer against the exact one, from σ_max to 0."""

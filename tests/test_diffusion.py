@@ -1,4 +1,6 @@
 """The noise process, the loss, guidance, the samplers (against exact solutions) and masks."""
+import copy
+
 import pytest
 import torch
 
@@ -219,61 +221,83 @@ def test_guided_denoiser_makes_sigma_on_the_device_without_a_copy():
     torch.testing.assert_close(seen[0], torch.full((2,), 0.4))
 
 
-# ----- consistency tuning -----
+# ----- flow maps -----
 
-def test_consistency_f_is_the_identity_at_sigma_0_and_the_denoiser_at_1():
-    from diffusion import consistency_output
-    model = tiny_denoiser(trained=True)
+def flow_map_of(data, shape):
+    """The exact flow map of GaussianData as a model D(x, t, text, sigma_next=r): the x0 for which
+    flow_map_jump lands on the ODE's solution at r; the ideal denoiser at r = t (its limit)."""
+    exact = GaussianData.__new__(GaussianData)  # its μ and s as (1, *shape) fp32
+    exact.mu, exact.s = (v.float().view(1, *shape) for v in (data.mu, data.s))
+
+    def model(x, t, text, cond=None, sigma_next=None):
+        t4, r4 = t.view(-1, 1, 1, 1), (t if sigma_next is None else sigma_next).view(-1, 1, 1, 1)
+        ratio = r4 / t4
+        jumped = (exact.jump(x, t4, r4) - ratio * x) / (1 - ratio).clamp(min=1e-12)
+        return torch.where(r4 < t4, jumped, exact.denoise(x, t4))
+    return model, exact
+
+
+def test_flow_map_jump_is_exact_at_r_equals_t_and_ddim_for_a_new_map():
+    """r = t returns x_t itself, whatever the map's x0; a map just added to a model (its jump
+    input zero-initialised) is the model, so its jumps are DDIM steps of the model."""
+    from diffusion import flow_map_jump, sample_flowmap
+    base = tiny_denoiser(trained=True).eval()
+    fresh = copy.deepcopy(base)
+    fresh.add_flow_map()
+    trained = copy.deepcopy(fresh)
     x, text = torch.randn(2, 3, 16, 16), torch.randn(2, 8)
-    torch.testing.assert_close(consistency_output(model, x, torch.zeros(2), text), x, rtol=0,
-                               atol=1e-6)
-    ones = torch.ones(2)
-    torch.testing.assert_close(consistency_output(model, x, ones, text), model(x, ones, text))
+    t, r = torch.tensor([0.7, 0.3]), torch.tensor([0.5, 0.1])
+    with torch.no_grad():
+        for p in trained.gap_mlp.parameters():
+            p.normal_(0, 0.1)
+        x0 = trained(x, t, text, sigma_next=t)
+        torch.testing.assert_close(flow_map_jump(x, t, t, x0), x, rtol=0, atol=1e-6)
+        assert not torch.allclose(trained(x, t, text, sigma_next=r), base(x, t, text))
+        torch.testing.assert_close(fresh(x, t, text, sigma_next=r), base(x, t, text))
+        sigmas = sigma_schedule(4)
+        jumps = sample_flowmap(guided_denoiser(fresh, text), x, sigmas)
+        torch.testing.assert_close(jumps, sample_ddim(guided_denoiser(base, text), x, sigmas))
+    with pytest.raises(ValueError, match='sigma_next is for a flow map'):
+        base(x, t, text, sigma_next=t)
 
 
-def test_consistency_loss_is_zero_for_the_exactly_consistent_model():
-    """Data that is one image μ: every ODE trajectory is the straight line from ε to μ, and the
-    exact consistency function is f ≡ μ. A model whose f is that has zero loss distilled from the
-    ideal denoiser (D ≡ μ: its DDIM step stays on the line); the ideal denoiser itself, whose f is
-    not constant, does not."""
-    from diffusion import SIGMA_DATA, consistency_loss
-    mu = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)).expand(8, -1, -1, -1)
-    text = torch.zeros(8, 8)
+def test_flow_map_loss_vanishes_for_the_exact_map_only():
+    """On Gaussian data the exact flow map satisfies u = v - (t - r)·du/dt, so its loss is ~0 with
+    the full derivative term (ramp 1), and not without it (ramp 0); the ideal denoiser used as a
+    map (DDIM jumps) has u = v, which is the target only at r = t."""
+    from diffusion import flow_map_loss
+    exact_map, exact = flow_map_of(GaussianData(dim=256), (1, 16, 16))
+    ideal = lambda x, t, text, cond=None, sigma_next=None: exact.denoise(x, t.view(-1, 1, 1, 1))
+    x0 = exact.mu + exact.s * torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    text = torch.zeros(16, 8)
 
-    def exact_f(x, sigma, text, cond=None):  # D such that c·x + (1 - c(1-σ))·D = μ
-        s = sigma.view(-1, 1, 1, 1)
-        c = SIGMA_DATA ** 2 * (1 - s) / (s ** 2 + SIGMA_DATA ** 2 * (1 - s) ** 2)
-        return (mu - c * x) / (1 - c * (1 - s))
-
-    def ideal_denoiser(x, sigma, text, cond=None):  # μ for every row, guided batches too
-        return mu[:1].expand_as(x).clone()
-
-    torch.manual_seed(0)
-    for cfg in (1.0, 4.0):  # D's two halves agree, so guidance changes nothing here
-        args = (mu, text, 0.3, cfg, 1.0, 1.0, 0.0)  # gap, cfg, Beta(1, 1), no text dropout
-        assert consistency_loss(exact_f, ideal_denoiser, *args).item() < 1e-9
-        assert consistency_loss(ideal_denoiser, ideal_denoiser, *args).item() > 1e-2
+    def loss(model, ramp):  # the same σ, r and noise for every call
+        torch.manual_seed(0)
+        return flow_map_loss(model, model, ideal, x0, text, 1.0, 1.0, 1.0, ramp).item()
+    without = loss(exact_map, 0.0)
+    assert without > 1e-3 and loss(ideal, 1.0) > 1e-3
+    assert loss(exact_map, 1.0) < 1e-6 * without
 
 
-def test_consistency_sampler_calls_the_model_once_a_step_and_is_seeded():
+def test_flow_map_sampler_follows_the_exact_map_in_any_number_of_jumps():
+    """The exact map's samples are the ODE's solution in 1 jump as in 8 (no renoising), one
+    forward a step, and each image depends on its own noise alone."""
+    exact_map, exact = flow_map_of(GaussianData(dim=256), (1, 16, 16))
     calls = []
-    model = tiny_denoiser(trained=True).eval()
 
-    def counting(x, sigma, text, cond=None):
+    def counting(x, sigma, text, cond=None, sigma_next=None):
         calls.append(len(x))
-        return model(x, sigma, text, cond=cond)
-    counting.n_channels, counting.patch_size, counting.pos_emb = 3, 2, model.pos_emb
-    text = torch.randn(2, 8)
-    for steps, cfg, per_step in ((1, 1.0, 2), (4, 1.0, 2), (4, 3.0, 4)):
+        return exact_map(x, sigma, text, sigma_next=sigma_next)
+    noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    truth = exact.jump(noise, 1.0, 0.0)
+    for steps in (1, 2, 8):
         calls.clear()
-        out = generate(counting, text, cfg=cfg, steps=steps, sampler='consistency',
-                       generator=torch.Generator().manual_seed(0))
-        assert calls == [per_step] * steps  # one forward a step; with guidance, of 2B rows
-        again = generate(model, text, cfg=cfg, steps=steps, sampler='consistency',
-                         generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(out, again)
-    one = generate(model, text[:1], steps=4, sampler='consistency', cfg=3.0,
-                   noise=torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))[:1])
-    both = generate(model, text, steps=4, sampler='consistency', cfg=3.0,
-                    noise=torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
-    torch.testing.assert_close(one, both[:1], rtol=1e-4, atol=1e-5)  # an image: its noise alone
+        out = generate(counting, torch.zeros(3, 8), noise, cfg=1.0, steps=steps, sampler='flowmap')
+        assert calls == [3] * steps
+        torch.testing.assert_close(out, truth, rtol=1e-4, atol=1e-4)
+    model = tiny_denoiser(trained=True, flow_map=True).eval()
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    text = torch.randn(2, 8)
+    both = generate(model, text, noise, cfg=1.0, steps=4, sampler='flowmap')
+    one = generate(model, text[:1], noise[:1], cfg=1.0, steps=4, sampler='flowmap')
+    torch.testing.assert_close(one, both[:1], rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ replacing an earlier result), and its errors.
 
     python -m pytest -q tests/test_eval.py
 """
+import copy
 import json
 import os
 
@@ -77,7 +78,7 @@ def test_eval_cli_sweep_writes_json(eval_run):
     run = eval_run / 'run'
     proc = run_in_process('eval.py', f'--out_dir={run}', '--sampler', 'ddim', 'dpmpp2m',
                           '--steps', '1,4', '--cfg=3', '--cfg_min_sigma', '0,0.5', '--n_prompts=6',
-                          '--n_per_prompt=3', '--fid=False')
+                          '--n_per_prompt=3', '--fid=False', '--ref_steps=4')
     assert "CLIP score skipped: the checkpoint's text encoder is 'toy'" in proc.stdout
     assert 'FID and KID skipped: --fid=False' in proc.stdout
     assert '| sampler | cfg | at σ > | steps | top1 |' in proc.stdout
@@ -99,10 +100,14 @@ def test_eval_cli_sweep_writes_json(eval_run):
     # the guidance interval: one step (at σ = 1) is guided either way; of 4 steps the last 2 are not
     assert rows['dpmpp2m', 1, 0.0]['diversity'] == rows['dpmpp2m', 1, 0.5]['diversity']
     assert rows['dpmpp2m', 4, 0.0]['diversity'] != rows['dpmpp2m', 4, 0.5]['diversity']
+    # to_ref: the distance to 4 DPM-Solver++ steps of the same noise, at each row's own setting
+    assert rows['dpmpp2m', 4, 0.0]['to_ref'] == rows['dpmpp2m', 4, 0.5]['to_ref'] == 0
+    assert rows['ddim', 1, 0.0]['to_ref'] > rows['ddim', 4, 0.0]['to_ref'] > 0
+    assert all(r['detail'] > 0 for r in rows.values())
     rows = {(s, k): r for (s, k, lo), r in rows.items() if lo == 0.0}
     # one step from pure noise is D(noise) for both samplers, and every setting starts from the
     # same noise: the two one-step rows are the same images, so the same numbers. 4 steps differ
-    for m in ('top1', 'top5', 'diversity'):
+    for m in ('top1', 'top5', 'diversity', 'detail', 'to_ref'):
         assert rows['ddim', 1][m] == rows['dpmpp2m', 1][m], m
     assert rows['ddim', 4]['diversity'] != rows['dpmpp2m', 4]['diversity']
     random, real = val['baselines']['random guess'], val['baselines']['real images']
@@ -122,6 +127,39 @@ def test_eval_cli_sweep_writes_json(eval_run):
     assert [(r['sampler'], r['cfg'], r['steps']) for r in val['rows']] == [('dpmpp2m', 1.0, 2),
                                                                            ('dpmpp2m', 3.0, 2)]
     assert val['n_prompts'] == 20
+
+
+def test_a_flow_maps_distance_is_to_its_teacher_at_the_distilled_cfg(eval_run):
+    """to_ref of a flow map: its teacher's DPM-Solver++ images at the cfg baked into the map, the
+    same as sampling the base model itself, and not the map's own."""
+    from sample import load_pipeline
+    ckpt = torch.load(eval_run / 'run' / 'ckpt.pt', weights_only=True)
+    base = Denoiser(**ckpt['model_args'])
+    torch.manual_seed(1)
+    with torch.no_grad():  # as if trained: the zero-initialised gates random, so text matters
+        for p in base.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    student = copy.deepcopy(base)
+    student.add_flow_map()
+    teacher_state = copy.deepcopy(student.state_dict())  # the base, its jump input zero
+    with torch.no_grad():
+        for p in student.gap_mlp.parameters():
+            p.normal_(0, 0.05)
+    fm = dict(ckpt, model=student.state_dict(), ema=student.state_dict(), teacher=teacher_state,
+              model_args=dict(ckpt['model_args'], flow_map=True), objective='flowmap',
+              baked_cfg=3.0)
+    pipe = load_pipeline(fm, 'cpu', 'float32', text_encoder=False)
+    plain = load_pipeline(dict(ckpt, ema=base.state_dict()), 'cpu', 'float32', text_encoder=False)
+    teacher = evaluation.teacher_pipeline(fm, pipe)
+    assert teacher[1] == 3.0 and evaluation.teacher_pipeline(ckpt, plain) is None
+    emb, noise = torch.randn(2, 8), torch.randn(2, 3, 32, 32)
+    ref = evaluation.reference(pipe, teacher, emb, noise, 1.0, 0.2, {})
+    sample = lambda p, cfg: p.decode(p.sample_latents(emb, noise, cfg=cfg, sampler='dpmpp2m',
+                                                      steps=evaluation.ref_steps))
+    torch.testing.assert_close(ref, sample(plain, 3.0))
+    assert not torch.allclose(ref, sample(plain, 1.0), atol=1e-3)
+    assert not torch.allclose(ref, sample(pipe, 1.0), atol=1e-3)
 
 
 def test_a_second_eval_run_keeps_the_first_json(tmp_path):

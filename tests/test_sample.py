@@ -366,21 +366,28 @@ def test_compiled_pipeline_samples_as_the_eager_one_with_frozen_weights(sample_r
 
 
 def test_a_few_step_checkpoint_picks_its_sampler_and_its_baked_guidance(tmp_path):
-    """A consistency-distilled checkpoint samples with the consistency sampler and cfg 1 (its
-    guidance is in the weights) without a flag: the images are generate()'s with those settings."""
+    """A flow map samples with its jumps and cfg 1 (its guidance is in the weights) without a
+    flag: the images are generate()'s with those settings. A plain model refuses the flow-map
+    sampler in one line."""
     run = tmp_path / 'fewstep'
-    save_tiny_checkpoint(str(run), objective='consistency', baked_cfg=4.0)
+    save_tiny_checkpoint(str(run), flow_map=True, objective='flowmap', baked_cfg=4.0)
     proc = run_in_process('sample.py', f'--out_dir={run}', '--prompt', 'a red apple', '--n=2',
                           '--steps=2', '--dtype=float32', '--zoom=1')
     assert 'guidance is in this model' in proc.stdout
-    assert '2 consistency steps, cfg 1' in proc.stdout
+    assert '2 flowmap steps, cfg 1' in proc.stdout
     path = next(line.split(' ', 1)[1] for line in proc.stdout.splitlines()
                 if line.startswith('wrote '))
     pipe = load_pipeline(run, 'cpu', 'float32')  # a pathlib.Path works as a str does
-    expected = generate_images(pipe, ['a red apple'], n=2, cfg=1.0, steps=2, sampler='consistency')
+    expected = generate_images(pipe, ['a red apple'], n=2, cfg=1.0, steps=2, sampler='flowmap')
+    assert not torch.allclose(expected, generate_images(pipe, ['a red apple'], n=2, cfg=1.0,
+                                                        steps=2, sampler='ddim'))
     grid = _png(path)
     torch.testing.assert_close(torch.from_numpy(_tile(grid, 0, 1)).permute(2, 0, 1), expected[1],
                                atol=1 / 255 + 1e-6, rtol=0)
+    save_tiny_checkpoint(str(tmp_path / 'plain'))
+    proc = run_in_process('sample.py', f'--out_dir={tmp_path / "plain"}', '--prompt', 'a cat',
+                          '--sampler=flowmap', check=False)
+    assert 'needs a flow map' in one_line_error(proc)
 
 
 def test_text_is_taken_as_written_and_must_be_utf8(sample_run, tmp_path):

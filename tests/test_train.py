@@ -433,11 +433,12 @@ def test_fit_time_budget_spends_what_is_left_on_steps_and_evaluations():
     assert ns['max_iters'] == 65
 
 
-def test_consistency_tuning_resumes_exactly_and_keeps_its_teacher(tmp_path, tiny_run):
+def test_flow_map_tuning_resumes_exactly_and_keeps_its_teacher(tmp_path, tiny_run):
     """Distillation from a trained checkpoint: 4 steps straight, or 2, a resume and 2 more, give
-    the same weights bitwise; the frozen teacher is the starting model's EMA and stays so."""
+    the same weights bitwise; the frozen teacher is the starting model's EMA and stays so; the
+    jump input, zero at the start, has learnt."""
     _, base, _ = tiny_run
-    args = [f'--init_from={base}', '--objective=consistency', '--teacher_cfg=3.0', '--p_uncond=0',
+    args = [f'--init_from={base}', '--objective=flowmap', '--teacher_cfg=3.0', '--p_uncond=0',
             '--max_iters=4', '--lr_decay_iters=4', '--sample_steps=2']
     train(write_prepared(tmp_path / 'data'), tmp_path / 'a', *args)
     data = write_prepared(tmp_path / 'data2')
@@ -447,9 +448,11 @@ def test_consistency_tuning_resumes_exactly_and_keeps_its_teacher(tmp_path, tiny
     a, b, start = load_ckpt(tmp_path / 'a'), load_ckpt(tmp_path / 'b'), load_ckpt(base)
     for key in ('model', 'ema', 'teacher'):
         assert_same_state(a[key], b[key])
-    assert_same_state(a['teacher'], start['ema'])
-    assert a['objective'] == 'consistency' and a['baked_cfg'] == 3.0
-    assert not torch.equal(a['model']['patch_out.weight'], start['ema']['patch_out.weight'])
+    jump = {k for k in a['teacher'] if k.startswith('gap_mlp.')}
+    assert jump and not a['teacher']['gap_mlp.2.weight'].any()  # the teacher: exactly the base
+    assert_same_state({k: v for k, v in a['teacher'].items() if k not in jump}, start['ema'])
+    assert a['objective'] == 'flowmap' and a['baked_cfg'] == 3.0 and a['model_args']['flow_map']
+    assert a['model']['gap_mlp.2.weight'].any()
 
 
 def test_a_resume_keeps_what_the_run_is_and_refuses_a_contradiction(tmp_path, tiny_run):
@@ -457,15 +460,15 @@ def test_a_resume_keeps_what_the_run_is_and_refuses_a_contradiction(tmp_path, ti
     teacher and baked guidance from the checkpoint); a flag that contradicts it is one line."""
     _, base, _ = tiny_run
     data = write_prepared(tmp_path / 'data')
-    train(data, tmp_path / 'cm', f'--init_from={base}', '--objective=consistency',
+    train(data, tmp_path / 'fm', f'--init_from={base}', '--objective=flowmap',
           '--teacher_cfg=3.0', '--max_iters=2')
-    proc = train(data, tmp_path / 'cm', '--init_from=resume', '--max_iters=3')
-    ckpt = load_ckpt(tmp_path / 'cm')
-    assert ckpt['objective'] == 'consistency' and ckpt['baked_cfg'] == 3.0, proc.stdout
+    proc = train(data, tmp_path / 'fm', '--init_from=resume', '--max_iters=3')
+    ckpt = load_ckpt(tmp_path / 'fm')
+    assert ckpt['objective'] == 'flowmap' and ckpt['baked_cfg'] == 3.0, proc.stdout
     assert ckpt['teacher'] is not None and ckpt['iter_num'] == 3
-    for flag, kept in (('--objective=x0', "objective='consistency'"),
+    for flag, kept in (('--objective=x0', "objective='flowmap'"),
                        ('--teacher_cfg=5', 'teacher_cfg=3.0')):
-        proc = train(data, tmp_path / 'cm', '--init_from=resume', flag, check=False,
+        proc = train(data, tmp_path / 'fm', '--init_from=resume', flag, check=False,
                      in_process=True)
         assert kept in one_line_error(proc) and flag[2:].split('=')[0] in one_line_error(proc)
 
