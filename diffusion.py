@@ -113,12 +113,21 @@ def _lambda(sigma):
     return math.inf if sigma <= 0 else -math.inf if sigma >= 1 else math.log((1 - sigma) / sigma)
 
 
+def flow_map_jump(x, sigma, sigma_next, x0):
+    """x_r = (r/t)·x_t + (1 - r/t)·x0 for t = sigma, r = sigma_next: a DDIM step with the map's own
+    x0 = D(x_t, t, r), so a jump to r = t is x_t exactly, and D's error shrinks with the jump."""
+    ratio = sigma_next / sigma
+    if isinstance(ratio, torch.Tensor):
+        ratio = ratio.view(-1, *([1] * (x.dim() - 1)))
+    return ratio * x + (1 - ratio) * x0
+
+
 @torch.no_grad()
 def sample_ddim(denoise, x, sigmas):
-    """First-order (DDIM) steps in x0 form: x moves to a weighted average of x and D."""
+    """First-order (DDIM) steps in x0 form: x moves to a weighted average of x and D, the jump
+    of a flow map whose x0 is D(x, σ) whatever the level it jumps to."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x0 = denoise(x, sigma)
-        x = ((sigma - sigma_next) * x0 + sigma_next * x) / sigma
+        x = flow_map_jump(x, sigma, sigma_next, denoise(x, sigma))
     return x
 
 
@@ -139,15 +148,6 @@ def sample_dpmpp_2m(denoise, x, sigmas):
         x = (sigma_next / sigma) * x + (1 - sigma_next) * (-math.expm1(-h)) * x0_hat
         x0_prev, h_prev = x0, h
     return x
-
-
-def flow_map_jump(x, sigma, sigma_next, x0):
-    """x_r = (r/t)·x_t + (1 - r/t)·x0 for t = sigma, r = sigma_next: a DDIM step with the map's own
-    x0 = D(x_t, t, r), so a jump to r = t is x_t exactly, and D's error shrinks with the jump."""
-    ratio = sigma_next / sigma
-    if isinstance(ratio, torch.Tensor):
-        ratio = ratio.view(-1, *([1] * (x.dim() - 1)))
-    return ratio * x + (1 - ratio) * x0
 
 
 @torch.no_grad()
